@@ -1,0 +1,1 @@
+"""Evaluation: generation metrics (ADM suite), reconstruction metrics, probes, reports."""

@@ -1,0 +1,1 @@
+"""Models: the VAE, teachers (frozen VFMs), the Send-VAE mapper, the discriminator, SiT."""

@@ -1,0 +1,1 @@
+"""Training: the shared loop and the two stages that plug into it."""
