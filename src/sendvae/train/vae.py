@@ -1,0 +1,362 @@
+"""Stage 1: Send-VAE fine-tuning (SPEC.md section 2) as a stage of the shared loop.
+
+Per micro-batch of images x (uint8 -> [-1, 1], DESIGN.md section 2):
+
+1. ``posterior = vae.encode(x)``; ``z = posterior.sample()`` (REPA-E) or its mean (``model.sample_posterior``);
+2. ``z_n = vae.normalize(z)`` with the VAE's fixed per-channel latent statistics (``alignment.normalize_latent``);
+3. alignment of ``z_n`` with the frozen teacher's tokens ``y = f(x)`` (:mod:`sendvae.losses`):
+   ``none``; ``vf`` (VA-VAE: linear 1x1 projection, margins 0.5 / 0.25, adaptive weight at the encoder's
+   last layer); ``sendvae`` (noise injection Eq. 1 -> mapper h_phi -> ``1 - mean cos``, Eq. 2);
+4. ``L = lambda_align * L_align + L_VAE`` with (reductions next to the weights)::
+
+       L_VAE = w_rec * L1-or-MSE(x, x_hat)          mean over pixels
+             + w_lpips * LPIPS(x, x_hat)            mean over batch
+             + w_kl * KL(q(z|x) || N(0, I))          sum over the latent, mean over batch
+             + w_gan * (-mean D(x_hat))              fixed weight (REPA-E) or x LDM adaptive weight
+
+The loop runs two phases per step: ``vae`` (VAE + alignment head, AdamW) and, once ``loss.gan_start``
+images have been seen, ``disc`` (hinge loss on real x and the detached reconstruction of the same
+micro-batch, its own AdamW). The VAE is published as ``RUN/vae`` (EMA weights when EMA is on, with
+freshly computed latent statistics) by :func:`sendvae.models.vae.save_vae`; the mapper and the
+discriminator stay in the training checkpoints only.
+"""
+
+from __future__ import annotations
+
+import logging
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from sendvae.config import ConfigError, param
+from sendvae.data.store import open_image_dataset
+from sendvae.losses import (
+    Alignment,
+    PerceptualLoss,
+    adaptive_weight,
+    build_alignment,
+    generator_loss,
+    hinge_discriminator_loss,
+    kl_loss,
+    reconstruction_loss,
+)
+from sendvae.models.discriminator import PatchDiscriminator, load_discriminator
+from sendvae.models.teachers import Teacher, build_teacher
+from sendvae.models.vae import (
+    VAE,
+    VAE_PRESETS,
+    build_vae,
+    compute_latent_stats,
+    load_latent_stats,
+    load_vae,
+    save_vae,
+)
+from sendvae.pixels import to_model
+from sendvae.train import distributed as dist_utils
+from sendvae.train.loop import LoopConfig, Phase, StepContext, train
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig:
+    init: str = param("tiny-f4c4", "VAE to start from: a preset name (random init) or a path (sendvae folder, "
+                                   "diffusers folder, LDM checkpoint)")
+    stats: str = param("", "latent statistics: empty = the VAE's own; a file (latent_stats.json, REPA-E "
+                           "*-latents-stats.pt); 'compute' = measure them on the training data before training")
+    stats_images: int = param(2000, "images used whenever latent statistics are computed", min=1)
+    export_stats: bool = param(True, "recompute the latent statistics of the published RUN/vae at each export")
+    sample_posterior: bool = param(True, "z = a posterior sample (REPA-E); false = the posterior mean")
+
+
+@dataclass
+class TeacherConfig:
+    name: str = param("effnet-lite0", "frozen vision foundation model (sendvae.models.teachers registry)")
+    weights: str = param("", "its local weights (file or folder); empty = its offline default; 'random' = random init")
+    grid: int = param(0, "teacher token grid per side; 0 = the teacher's default (ViTs 16, EfficientNet 8)", min=0)
+
+
+@dataclass
+class AlignmentConfig:
+    kind: Literal["none", "vf", "sendvae"] = param("sendvae", "none | vf (VA-VAE linear projection) | sendvae (mapper)")
+    weight: float = param(1.0, "lambda_align (Send-VAE 1.0; VA-VAE's VF loss 0.1 x its adaptive weight)", min=0.0)
+    normalize_latent: bool = param(True, "align the latent normalised with the VAE's latent statistics")
+    noise: bool = param(True, "sendvae: noise injection z_t = (1 - t) z + t eps, t ~ U(0, 1) (Eq. 1)")
+    mapper_depth: int = param(1, "sendvae: ViT blocks in the mapper (paper ablation 0 / 1 / 2)", min=0)
+    mapper_width: int = param(0, "sendvae: mapper token width; 0 = the teacher width", min=0)
+    mapper_heads: int = param(0, "sendvae: attention heads; 0 = width / 64", min=0)
+    mlp_hidden: int = param(2048, "sendvae: hidden width of the mapper's projector MLP", min=1)
+    vf_margin_cos: float = param(0.5, "vf: marginal cosine margin")
+    vf_margin_dist: float = param(0.25, "vf: marginal distance-matrix margin")
+    vf_adaptive: bool = param(True, "vf: multiply by ||grad nll|| / ||grad vf|| at the encoder's last layer (VA-VAE)")
+
+
+@dataclass
+class LossConfig:
+    reconstruction: Literal["l1", "mse"] = param("l1", "pixel loss, mean over pixels (REPA-E: l1; the paper names mse)")
+    reconstruction_weight: float = param(1.0, "weight of the pixel loss", min=0.0)
+    lpips_weight: float = param(0.0, "weight of LPIPS-VGG (mean over batch); 0 = off", min=0.0)
+    lpips_weights: str = param("", "VGG16 / LPIPS weights file; empty = torchvision's cached vgg16; 'random' (tests)")
+    kl_weight: float = param(1e-6, "weight of the KL (summed over the latent, mean over batch)", min=0.0)
+    gan_weight: float = param(0.0, "weight of the generator loss -mean D(x_hat); 0 = no GAN, no discriminator", min=0.0)
+    gan_adaptive: bool = param(False, "multiply the GAN weight by the LDM adaptive weight at the decoder's last layer")
+    gan_start: int = param(0, "images seen before the GAN terms (and the discriminator) start", min=0)
+    disc_layers: int = param(3, "PatchGAN layers", min=1)
+    disc_channels: int = param(64, "PatchGAN base width", min=1)
+    disc_norm: Literal["batch", "act"] = param("batch", "PatchGAN normalisation (LDM / REPA-E: batch)")
+    disc_init: str = param("", "pretrained discriminator weights (LDM / REPA-E layout); empty = random init")
+
+
+@dataclass
+class DataConfig:
+    source: str = param("shapes:20000", "training images: a prepared store folder or shapes:N[@SEED]")
+    resolution: int = param(32, "image side in pixels", min=8)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = param(3e-4, "AdamW learning rate of the VAE and the alignment head (constant)", min=0.0)
+    beta1: float = param(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = param(0.999, "AdamW beta2", min=0.0, max=1.0)
+    weight_decay: float = param(0.0, "AdamW weight decay", min=0.0)
+    eps: float = param(1e-8, "AdamW epsilon", min=0.0)
+    disc_lr: float = param(0.0, "discriminator learning rate; 0 = optim.lr", min=0.0)
+
+
+def _default_loop() -> LoopConfig:
+    return LoopConfig(total_images=64_000, batch_size=64, grad_clip=1.0, ema=False)  # REPA-E: no EMA of the VAE
+
+
+@dataclass
+class TrainVAEConfig:
+    """Options of ``sendvae train-vae`` (SPEC.md section 2)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=_default_loop)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+class VAEStage:
+    """The stage-1 plug-in of the shared loop: phases ``vae`` and (with a GAN) ``disc``."""
+
+    def __init__(self, cfg: TrainVAEConfig, vae: VAE, alignment: Alignment, teacher: Teacher | None = None,
+                 discriminator: nn.Module | None = None, perceptual: nn.Module | None = None,
+                 stats_data: torch.utils.data.Dataset | None = None) -> None:
+        self.cfg, self.vae, self.alignment, self.teacher = cfg, vae, alignment, teacher
+        self.alignment_trains = any(True for _ in alignment.parameters())  # none has no parameters
+        self.discriminator, self.perceptual, self.stats_data = discriminator, perceptual, stats_data
+        if alignment.needs_teacher and teacher is None:
+            raise ConfigError(f"alignment.kind={alignment.kind} needs a teacher (teacher.name)")
+        o = cfg.optim
+        trained = list(vae.parameters()) + list(alignment.parameters())
+        self.optimizer = torch.optim.AdamW(trained, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+                                           eps=o.eps)
+        self.disc_optimizer = None
+        if discriminator is not None:
+            self.disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=o.disc_lr or o.lr,
+                                                    betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps)
+
+    # -- what the loop asks for ----------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"vae": self.vae}
+        if self.alignment_trains:
+            modules["alignment"] = self.alignment  # the mapper (sendvae) or the 1x1 projection (vf)
+        if self.discriminator is not None:
+            modules["disc"] = self.discriminator
+        return modules
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        frozen: dict[str, nn.Module] = {}
+        if self.teacher is not None:
+            frozen["teacher"] = self.teacher
+        if self.perceptual is not None:
+            frozen["lpips"] = self.perceptual
+        return frozen
+
+    def ema_modules(self) -> list[str]:
+        return ["vae"]
+
+    def phases(self) -> list[Phase]:
+        trains = tuple(name for name in self.modules() if name != "disc")
+        phases = [Phase("vae", self.optimizer, trains, self.vae_loss)]
+        if self.discriminator is not None:
+            phases.append(Phase("disc", self.disc_optimizer, ("disc",), self.discriminator_loss,
+                                start_images=self.cfg.loss.gan_start))
+        return phases
+
+    @torch.no_grad()
+    def prepare_batch(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Model-space pixels and, when aligning, the teacher's tokens of the same uint8 images."""
+        images = batch["image"]
+        out = {"image": images, "x": to_model(images)}
+        if self.teacher is not None and self.alignment.needs_teacher:
+            with ctx.autocast():
+                out["tokens"] = ctx.module("teacher")(images).float()
+        return out
+
+    # -- the two losses --------------------------------------------------------------------------
+    def vae_loss(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``lambda_align * L_align + L_VAE`` for one micro-batch (float32 scalar) and its parts."""
+        c, x = self.cfg, batch["x"]
+        vae: VAE = ctx.module("vae")
+        posterior = vae.encode(x)
+        z = posterior.sample(ctx.generator) if c.model.sample_posterior else posterior.mean
+        recon = vae.decode(z)
+        ctx.scratch["recon"] = recon.detach()
+
+        rec = reconstruction_loss(x, recon, c.loss.reconstruction)
+        nll = c.loss.reconstruction_weight * rec
+        logs: dict[str, Any] = {"rec": rec.detach()}
+        if self.perceptual is not None:
+            lpips = ctx.module("lpips")(x, recon)
+            nll = nll + c.loss.lpips_weight * lpips
+            logs["lpips"] = lpips.detach()
+        kl = kl_loss(posterior)
+        loss = nll + c.loss.kl_weight * kl
+        logs["kl"] = kl.detach()
+
+        if self.alignment.kind != "none":
+            aligned = vae.normalize(z) if c.alignment.normalize_latent else z
+            align, align_logs = ctx.module("alignment")(aligned, batch["tokens"], generator=ctx.generator)
+            weight: torch.Tensor | float = c.alignment.weight
+            if self.alignment.kind == "vf" and c.alignment.vf_adaptive:
+                # VA-VAE: ||grad nll|| / ||grad vf|| at the encoder's last layer, clamped to 1e8.
+                weight = weight * adaptive_weight(nll, align, vae.encoder_last_layer(), clamp=1e8)
+                logs["align_weight"] = weight.detach()
+            loss = loss + weight * align
+            logs.update(align_logs)
+
+        if self.discriminator is not None and ctx.images_seen >= c.loss.gan_start:
+            fake_logits = ctx.module("disc")(recon)  # the disc's own parameters get no gradient here
+            gan = generator_loss(fake_logits)
+            weight = c.loss.gan_weight
+            if c.loss.gan_adaptive:
+                weight = weight * adaptive_weight(nll, gan, vae.decoder_last_layer())
+                logs["gan_weight"] = weight.detach()
+            loss = loss + weight * gan
+            logs["gan_g"] = gan.detach()
+        return loss, logs
+
+    def discriminator_loss(self, batch: dict[str, torch.Tensor],
+                           ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Hinge loss on the real images and the detached reconstruction of the ``vae`` phase."""
+        disc = ctx.module("disc")
+        real, fake = disc(batch["x"]), disc(ctx.scratch["recon"])
+        loss = hinge_discriminator_loss(real, fake)
+        return loss, {"logits_real": real.detach().float().mean(), "logits_fake": fake.detach().float().mean()}
+
+    # -- publishing ------------------------------------------------------------------------------
+    def export(self, run_dir: str | Path, modules: dict[str, nn.Module]) -> None:
+        """Write ``RUN/vae`` (a sendvae VAE folder) from the published VAE (EMA copy when EMA is on)."""
+        vae = deepcopy(modules["vae"]).eval()
+        if self.cfg.model.export_stats and self.stats_data is not None:
+            vae.set_latent_stats(*latent_stats(vae, self.stats_data, self.cfg))
+        save_vae(vae, Path(run_dir) / "vae")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a stage from a config
+
+
+def latent_stats(vae: VAE, data: torch.utils.data.Dataset, cfg: TrainVAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel latent mean/std on the first ``model.stats_images`` training images (posterior mean)."""
+    return compute_latent_stats(vae, data, cfg.model.stats_images, batch_size=min(64, cfg.model.stats_images),
+                                autocast_bf16=cfg.train.precision == "bf16")
+
+
+def initial_vae(cfg: TrainVAEConfig) -> VAE:
+    """The VAE to fine-tune: a preset (random init, seeded by ``train.seed``) or a checkpoint path."""
+    init = cfg.model.init
+    if not init:
+        raise ConfigError("model.init is empty: give the VAE to fine-tune (e.g. model.init=runs/shapes-base/vae) "
+                          f"or a preset for a random start ({', '.join(VAE_PRESETS)})")
+    if init in VAE_PRESETS:
+        torch.manual_seed(cfg.train.seed)
+        return build_vae(init, resolution=cfg.data.resolution)
+    if not Path(init).exists():
+        raise ConfigError(
+            f"model.init: {init!r} is neither a VAE preset ({', '.join(VAE_PRESETS)}) nor an existing path")
+    return load_vae(init)
+
+
+def build_vae_stage(cfg: TrainVAEConfig,
+                    device: torch.device | str = "cpu") -> tuple[VAEStage, torch.utils.data.Dataset]:
+    """The stage and its dataset from a config; models are built on CPU, statistics measured on ``device``."""
+    dataset = open_image_dataset(cfg.data.source, cfg.data.resolution)
+    vae = initial_vae(cfg)
+    if cfg.model.stats not in ("", "compute"):
+        vae.set_latent_stats(*load_latent_stats(cfg.model.stats))
+    elif cfg.model.stats == "compute":
+        vae.to(device)
+        vae.set_latent_stats(*latent_stats(vae, dataset, cfg))
+        vae.cpu()
+        log.info("latent statistics: mean %s, std %s", vae.latent_mean.tolist(), vae.latent_std.tolist())
+    f = vae.downsample_factor
+    if cfg.data.resolution % f:
+        raise ConfigError(
+            f"data.resolution={cfg.data.resolution} is not a multiple of the VAE's downsampling factor {f}")
+    latent_grid = cfg.data.resolution // f
+
+    a = cfg.alignment
+    teacher = None
+    if a.kind != "none":
+        teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights or None, grid=cfg.teacher.grid or None)
+    torch.manual_seed(cfg.train.seed + 1)
+    alignment = build_alignment(
+        a.kind, vae.latent_channels, latent_grid,
+        teacher.dim if teacher is not None else 0, teacher.grid if teacher is not None else latent_grid,
+        noise=a.noise, mapper_depth=a.mapper_depth, mapper_width=a.mapper_width or None,
+        mapper_heads=a.mapper_heads or None, mlp_hidden=a.mlp_hidden, margin_cos=a.vf_margin_cos,
+        margin_dist=a.vf_margin_dist)
+
+    loss = cfg.loss
+    discriminator = None
+    if loss.gan_weight > 0:
+        torch.manual_seed(cfg.train.seed + 2)
+        discriminator = (load_discriminator(loss.disc_init) if loss.disc_init else
+                         PatchDiscriminator(3, loss.disc_channels, loss.disc_layers, loss.disc_norm))
+    perceptual = PerceptualLoss(loss.lpips_weights or None) if loss.lpips_weight > 0 else None
+    log.info("stage 1: VAE %s (%s), %d-channel %dx%d latent; alignment %s%s; GAN %s; LPIPS %s",
+             vae.preset or "custom", cfg.model.init, vae.latent_channels, latent_grid, latent_grid, a.kind,
+             f" to {teacher.name} {teacher.grid}x{teacher.grid}x{teacher.dim}" if teacher is not None else "",
+             f"weight {loss.gan_weight} from {loss.gan_start} images" if discriminator is not None else "off",
+             loss.lpips_weight or "off")
+    stage = VAEStage(cfg, vae, alignment, teacher, discriminator, perceptual, stats_data=dataset)
+    return stage, dataset
+
+
+def train_vae(cfg: TrainVAEConfig, out: str | Path) -> dict[str, Any]:
+    """Train stage 1 into run directory ``out`` (resuming from its checkpoints); returns the loop's summary.
+
+    The published VAE is ``out/vae`` (load it with :func:`sendvae.models.vae.load_vae`).
+    """
+    dinfo = dist_utils.init_distributed(cfg.train.device)
+    try:
+        stage, dataset = build_vae_stage(cfg, dinfo.device)
+        summary = train(stage, dataset, cfg.train, out, run_config=cfg)
+    finally:
+        dist_utils.shutdown(dinfo)
+    summary["vae"] = str(Path(out) / "vae")
+    return summary
+
+
+__all__ = [
+    "ModelConfig", "TeacherConfig", "AlignmentConfig", "LossConfig", "DataConfig", "OptimConfig", "TrainVAEConfig",
+    "VAEStage", "build_vae_stage", "initial_vae", "latent_stats", "train_vae",
+]
