@@ -1,0 +1,404 @@
+"""Stage 2: SiT + REPA on the frozen (Send-)VAE's cached latents (SPEC.md section 4).
+
+One step, per micro-batch of cached posteriors (:mod:`sendvae.data.latents`):
+
+1. choose the image or its h-flip and draw ``z = mean + std * eps`` (already normalised with the
+   VAE's latent statistics);
+2. draw ``t`` (uniform | lognormal | logit-normal, optional shift; :func:`sendvae.transport.sample_time`)
+   and ``noise``; ``z_t = (1 - t) z + t noise`` (t = 1 is noise);
+3. drop labels to the null class with probability 0.1 (classifier-free guidance);
+4. ``L = mean ||v_theta(z_t, t, y) - (noise - z)||^2 + lambda * L_REPA`` with
+   ``L_REPA = -mean_n cos(h_phi(block_k(z_t))[n], y_teacher[n])`` (lambda 0.5), the teacher tokens of
+   the same (possibly flipped) image, computed on the fly or read from the cache.
+
+Every random draw (flip, posterior noise, t, noise, label dropout) is made for the whole global batch
+from a generator seeded by ``(seed, images seen)``, and each process keeps its rows: a resumed run
+repeats the uninterrupted one exactly, and the result does not depend on the number of processes or
+on gradient accumulation. Recipe defaults: AdamW lr 1e-4, betas (0.9, 0.999), no weight decay,
+gradient clip 1.0, EMA 0.9999 (REPA / REPA-E). Loss reductions: the velocity MSE is the mean over
+batch, channels and positions; the REPA term is the mean over batch and tokens.
+
+The run publishes ``RUN/sit/``: ``config.json`` (model arguments, preset, classes, latent shape, VAE
+path and fingerprint, teacher), ``ema.safetensors`` and ``model.safetensors``; :func:`load_sit_run`
+reads it back for sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sendvae.config import ConfigError, param, to_dict
+from sendvae.data.latents import CacheInfo, LatentDataset, check_fingerprint, open_cache, select_flip
+from sendvae.errors import UserError
+from sendvae.models.sit import SiT, args_from_dict, args_to_dict, preset_args, repa_loss
+from sendvae.train.loop import LoopConfig, Phase, StepContext, seed_for, train
+from sendvae.transport import interpolate, sample_time, velocity_target
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = "sendvae-sit"
+_DRAW_STREAM = 7  # keeps the stage's draws apart from the loop's own seeds
+_INIT_STREAM = 8  # seed of the initial weights
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The SiT: size preset, REPA projector block, label dropout."""
+
+    preset: str = param("SiT-T/1", "SiT-{XL,L,B,S,M,T}/{1,2,4}: official sizes XL/L/B/S, tiny CPU sizes M/T")
+    encoder_depth: int = param(
+        0, "REPA projector after this block (1-based); 0 = preset default (8 XL/L, 4 B/S)", min=0)
+    qk_norm: bool = param(False, "LayerNorm on queries and keys (not in the official SiT)")
+    label_dropout: float = param(0.1, "probability of replacing a label by the null class (for CFG)", min=0.0, max=1.0)
+    projector_dim: int = param(2048, "hidden width of the REPA projector MLP", min=1)
+
+
+@dataclass
+class TransportConfig:
+    """Training-time distribution (linear path, velocity target, t = 1 noise)."""
+
+    time_sampling: Literal["uniform", "lognormal", "logit-normal"] = param(
+        "uniform", "distribution of training times t")
+    time_mean: float = param(0.0, "mean of the normal behind lognormal / logit-normal t")
+    time_std: float = param(1.0, "std of the normal behind lognormal / logit-normal t", min=0.0)
+    time_shift: float = param(1.0, "shift t' = s t / (1 + (s - 1) t) toward noise; 1 = none", min=0.0)
+
+
+@dataclass
+class RepaConfig:
+    """The REPA alignment term: its weight and where the teacher tokens come from."""
+
+    weight: float = param(0.5, "lambda of the REPA loss (negative cosine per token); 0 = plain SiT", min=0.0)
+    source: Literal["online", "cache"] = param(
+        "cache", "teacher tokens: cache = stored by cache-latents --teacher; online = teacher run on the images"
+    )
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher run on the images when ``repa.source=online``."""
+
+    name: str = param("", "teacher for online REPA (e.g. dinov2-b, effnet-lite0); empty = the one in the cache")
+    weights: str = param("", "local weights of the online teacher (empty = the registry default)")
+
+
+@dataclass
+class DataConfig:
+    """The latent cache and the VAE it was made with."""
+
+    cache: str = param("", "latent cache folder written by `sendvae cache-latents` (required)")
+    vae: str = param("", "VAE the cache was made with (checked by fingerprint); empty = the path in the manifest")
+    images: str = param("", "image data joined by index for online REPA; empty = the data in the manifest")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (REPA / REPA-E defaults)."""
+
+    lr: float = param(1e-4, "AdamW learning rate (constant)", min=0.0)
+    beta1: float = param(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = param(0.999, "AdamW beta2", min=0.0, max=1.0)
+    weight_decay: float = param(0.0, "AdamW weight decay", min=0.0)
+    eps: float = param(1e-8, "AdamW epsilon", min=0.0)
+
+
+def _default_loop() -> LoopConfig:
+    return LoopConfig(total_images=64_000, batch_size=64, ema_decay=0.9999, grad_clip=1.0)
+
+
+@dataclass
+class TrainSiTConfig:
+    """Options of ``sendvae train-sit`` (SPEC.md section 4)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=_default_loop)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over every trainable parameter, with PyTorch's fused kernel (3x faster on CPU than the default)."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay, eps=cfg.eps, fused=True,
+    )
+
+
+class SiTStage:
+    """The stage-2 plug-in of the shared loop: one phase ``sit`` training the SiT (and its projector)."""
+
+    def __init__(self, cfg: TrainSiTConfig, model: SiT, teacher: nn.Module | None = None,
+                 run_info: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.teacher = teacher
+        self.repa = cfg.repa.weight > 0
+        self.run_info = run_info or {}
+        if self.repa and cfg.repa.source == "online" and teacher is None:
+            raise ConfigError("repa.source: online REPA needs a teacher (teacher.name)")
+        self.optimizer = build_optimizer(model, cfg.optim)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"sit": self.model}
+
+    def ema_modules(self) -> list[str]:
+        return ["sit"]
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher} if self.teacher is not None and self.cfg.repa.source == "online" else {}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("sit", self.optimizer, ("sit",), self.loss)]
+
+    def draws(self, batch_rows: int, latent_shape: tuple[int, ...], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """This micro-batch's rows of the step's random draws (flip, posterior eps, t, noise, label drop).
+
+        The draws are made for the whole global batch from a generator seeded by ``(seed, images
+        seen)`` and each process keeps the rows of the stream positions it holds (the loop's sampler
+        gives rank r positions ``r, r + W, r + 2W, ...``), so a step does not depend on the number of
+        processes or on gradient accumulation.
+        """
+        total, device = self.cfg.train.batch_size, ctx.device
+        g = torch.Generator(device=device)
+        g.manual_seed(seed_for(self.cfg.train.seed, 0, ctx.images_seen, _DRAW_STREAM))
+        tr = self.cfg.transport
+        every = {
+            "flip": (torch.rand(total, generator=g, device=device) < 0.5).long(),
+            "eps": torch.randn((total, *latent_shape), generator=g, device=device),
+            "t": sample_time(total, tr.time_sampling, generator=g, device=device, mean=tr.time_mean,
+                             std=tr.time_std, shift=tr.time_shift),
+            "noise": torch.randn((total, *latent_shape), generator=g, device=device),
+            "drop": torch.rand(total, generator=g, device=device) < self.cfg.model.label_dropout,
+        }
+        rows = ctx.rank + ctx.world * (ctx.micro_index * batch_rows + torch.arange(batch_rows, device=device))
+        return {key: value[rows] for key, value in every.items()}
+
+    @torch.no_grad()
+    def prepare_batch(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Posterior sample of the drawn flip (normalised), the time, noise and label, and the teacher tokens."""
+        mean, std = batch["mean"], batch["std"]
+        d = self.draws(mean.shape[0], tuple(mean.shape[2:]), ctx)
+        m, s = select_flip(mean, std, d["flip"])
+        label = torch.where(d["drop"], torch.full_like(batch["label"], self.model.null_class), batch["label"])
+        out = {"latent": m + s * d["eps"], "label": label, "t": d["t"], "noise": d["noise"]}
+        if self.repa:
+            if self.cfg.repa.source == "cache":
+                rows = torch.arange(d["flip"].shape[0], device=d["flip"].device)
+                out["teacher"] = batch["teacher"][rows, d["flip"]].float()
+            else:
+                images = batch["image"]
+                images = torch.where(d["flip"].view(-1, 1, 1, 1).bool(), images.flip(-1), images)
+                with ctx.autocast():
+                    out["teacher"] = ctx.module("teacher")(images).float()
+        return out
+
+    def loss(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Velocity MSE (mean over all elements) + lambda * REPA loss, in float32."""
+        z, t, noise = batch["latent"], batch["t"], batch["noise"]
+        with ctx.autocast():
+            out = ctx.module("sit")(interpolate(z, noise, t), t, batch["label"], return_tokens=self.repa)
+        velocity, tokens = out if self.repa else (out, None)
+        denoise = (velocity.float() - velocity_target(z, noise)).square().mean()
+        logs: dict[str, Any] = {"denoise": denoise.detach()}
+        loss = denoise
+        if self.repa:
+            align = repa_loss(tokens, [batch["teacher"]])
+            loss = loss + self.cfg.repa.weight * align
+            logs["repa"] = align.detach()
+        return loss, logs
+
+    def export(self, run_dir: str | Path, modules: dict[str, nn.Module]) -> None:
+        """Write ``RUN/sit/``: config.json, ema.safetensors (published weights) and model.safetensors."""
+        published = modules["sit"]
+        save_sit_folder(Path(run_dir) / "sit", published, self.model, self.run_info)
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    module = getattr(module, "module", module)  # a DDP wrapper
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+def save_sit_folder(folder: Path, ema: nn.Module, model: nn.Module, info: dict[str, Any]) -> Path:
+    """Write ``folder/{config.json, ema.safetensors, model.safetensors}`` atomically (file by file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sit: SiT = getattr(model, "module", model)
+    config = {"format": RUN_FORMAT, "model": args_to_dict(sit.args), **info}
+    for name, module in (("ema", ema), ("model", model)):
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        save_file(_state(module), str(tmp))
+        os.replace(tmp, folder / f"{name}.safetensors")
+    tmp = folder / f".config.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, folder / "config.json")
+    return folder
+
+
+@dataclass
+class SiTRun:
+    """A trained SiT read back from ``RUN/sit``: the model and what the sampler needs to decode."""
+
+    model: SiT
+    config: dict[str, Any]
+    folder: Path
+
+    @property
+    def vae_path(self) -> str:
+        return str(self.config["vae"]["path"])
+
+    @property
+    def vae_fingerprint(self) -> str:
+        return str(self.config["vae"]["fingerprint"])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.config["latent_shape"]
+        return int(c), int(h), int(w)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+
+def load_sit_run(run_or_folder: str | Path, weights: Literal["ema", "model"] = "ema",
+                 device: str | torch.device = "cpu") -> SiTRun:
+    """Load ``RUN/sit`` (or the ``sit`` folder itself) written by ``train-sit``; EMA weights by default."""
+    folder = Path(run_or_folder)
+    if not (folder / "config.json").is_file() and (folder / "sit" / "config.json").is_file():
+        folder = folder / "sit"
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{run_or_folder} holds no trained SiT ({config_path} is missing; is the run finished?)")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != RUN_FORMAT:
+        raise UserError(f"{config_path} has format {config.get('format')!r}, expected {RUN_FORMAT!r}")
+    weights_path = folder / f"{weights}.safetensors"
+    if not weights_path.is_file():
+        raise UserError(f"{weights_path} is missing")
+    with torch.device("meta"):
+        model = SiT(args_from_dict(config["model"]))
+    model.load_state_dict(load_file(str(weights_path), device=str(device)), strict=True, assign=True)
+    return SiTRun(model.eval(), config, folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a run from its config
+# --------------------------------------------------------------------------------------------------
+
+
+def _teacher_for(cfg: TrainSiTConfig, cache: CacheInfo, grid: int
+                 ) -> tuple[nn.Module | None, dict[str, Any] | None]:
+    """The online teacher (or None) and a description of the REPA targets (None without REPA)."""
+    if cfg.repa.weight <= 0:
+        return None, None
+    if cfg.repa.source == "cache":
+        if not cache.teacher:
+            raise ConfigError(
+                f"repa.source: cache {cache.path} holds no teacher tokens; run cache-latents with --teacher, "
+                "or set repa.source=online (with teacher.name), or repa.weight=0"
+            )
+        if cfg.teacher.name and cfg.teacher.name != cache.teacher["name"]:
+            raise ConfigError(
+                f"teacher.name: {cfg.teacher.name!r} but cache {cache.path} holds {cache.teacher['name']!r} tokens")
+        if int(cache.teacher["grid"]) != grid:
+            raise ConfigError(
+                f"model.preset: the SiT has a {grid}x{grid} token grid but cache {cache.path} holds "
+                f"{cache.teacher['grid']}x{cache.teacher['grid']} teacher tokens (cache-latents --teacher-grid)"
+            )
+        return None, {**cache.teacher, "source": "cache"}
+    from sendvae.models.teachers import build_teacher
+
+    name = cfg.teacher.name or (cache.teacher or {}).get("name", "")
+    if not name:
+        raise ConfigError("teacher.name: online REPA needs a teacher name (e.g. dinov2-b, effnet-lite0)")
+    weights = cfg.teacher.weights or None
+    teacher = build_teacher(name, weights, grid=grid)
+    return teacher, {"name": name, "weights": weights, "dim": int(teacher.dim), "grid": grid, "source": "online"}
+
+
+def build_sit_stage(cfg: TrainSiTConfig) -> tuple[SiTStage, LatentDataset]:
+    """The stage and its dataset from a config (checks the cache against the VAE)."""
+    from sendvae.models.vae import load_vae, vae_fingerprint
+
+    if not cfg.data.cache:
+        raise ConfigError("data.cache: the latent cache folder is required (written by `sendvae cache-latents`)")
+    cache = open_cache(cfg.data.cache)
+    vae_path = cfg.data.vae or cache.vae_path
+    if not Path(vae_path).exists():
+        raise ConfigError(f"data.vae: {vae_path} does not exist (the VAE the cache {cache.path} was made with)")
+    vae = load_vae(vae_path)
+    fingerprint = vae_fingerprint(vae)
+    check_fingerprint(cache, fingerprint, str(vae_path))
+    c, h, w = cache.latent_shape
+    if h != w:
+        raise ConfigError(f"data.cache: latents are {h}x{w}; the SiT needs square latents")
+    args = preset_args(cfg.model.preset, input_size=h, in_channels=c, num_classes=cache.num_classes,
+                       qk_norm=cfg.model.qk_norm, projector_dim=cfg.model.projector_dim)
+    if cfg.model.encoder_depth:
+        args.encoder_depth = cfg.model.encoder_depth
+    if h % args.patch_size:
+        raise ConfigError(f"model.preset: patch {args.patch_size} does not divide the {h}x{w} latent")
+    grid = h // args.patch_size
+    teacher, teacher_info = _teacher_for(cfg, cache, grid)
+    args.teacher_dims = [int(teacher_info["dim"])] if teacher_info else []
+    if args.teacher_dims and not 1 <= args.encoder_depth <= args.depth:
+        raise ConfigError(f"model.encoder_depth: {args.encoder_depth} must lie in [1, {args.depth}]")
+    if cache.num_classes < 1:
+        raise ConfigError(f"data.cache: {cache.path} records no classes (num_classes 0)")
+    online = cfg.repa.weight > 0 and cfg.repa.source == "online"
+    dataset = LatentDataset(
+        cache, vae,
+        images=(cfg.data.images or cache.manifest["data"]["spec"]) if online else None,
+        teacher=cfg.repa.weight > 0 and cfg.repa.source == "cache",
+        resolution=int(cache.manifest["data"]["resolution"]) or None,
+    )
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
+        torch.manual_seed(seed_for(cfg.train.seed, 0, 0, _INIT_STREAM))
+        model = SiT(args)
+    info = {
+        "preset": cfg.model.preset,
+        "num_classes": cache.num_classes,
+        "latent_shape": [c, h, w],
+        "vae": {"path": str(vae_path), "fingerprint": fingerprint},
+        "teacher": teacher_info,
+        "cache": {"path": str(cache.path), "data_hash": cache.manifest["data"]["hash"]},
+        "config": to_dict(cfg),
+    }
+    log.info("SiT %s: %.1fM parameters, %d tokens, REPA %s", cfg.model.preset,
+             sum(p.numel() for p in model.parameters()) / 1e6, grid * grid,
+             f"lambda {cfg.repa.weight} after block {args.encoder_depth}" if args.teacher_dims else "off")
+    return SiTStage(cfg, model, teacher, info), dataset
+
+
+def train_sit(cfg: TrainSiTConfig, out: str | Path) -> dict[str, Any]:
+    """Train a SiT (+ REPA) on a latent cache into run directory ``out``; returns the loop's summary."""
+    stage, dataset = build_sit_stage(cfg)
+    return train(stage, dataset, cfg.train, out, run_config=cfg)
+
+
+__all__ = [
+    "DataConfig", "ModelConfig", "OptimConfig", "RepaConfig", "SiTRun", "SiTStage", "TeacherConfig",
+    "TrainSiTConfig", "TransportConfig", "build_optimizer", "build_sit_stage", "load_sit_run", "save_sit_folder",
+    "train_sit",
+]

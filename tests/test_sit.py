@@ -1,0 +1,266 @@
+"""SiT + REPA projector: released key layouts, block maths, time conventions, loading, FLOP count."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention as TimmAttention
+from timm.models.vision_transformer import Mlp as TimmMlp
+from torch.utils.flop_counter import FlopCounterMode
+
+from sendvae.errors import UserError
+from sendvae.models.sit import (
+    SiT,
+    SiTArgs,
+    build_sit,
+    drop_labels,
+    forward_flops,
+    infer_args,
+    load_sit,
+    preset_args,
+    repa_loss,
+)
+from sendvae.transport import velocity_to_data
+
+
+def _meta_shapes(name: str, **kw) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = build_sit(name, **kw)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _official_sit_xl2_layout(learn_sigma: bool, teacher_dim: int | None) -> dict[str, tuple[int, ...]]:
+    """The key set of the released SiT-XL/2 (256 px, 4x32x32 latents), written out from its layout."""
+    d, c, p = 1152, 4, 2
+    out = p * p * c * (2 if learn_sigma else 1)
+    keys = {
+        "pos_embed": (1, 256, d),
+        "x_embedder.proj.weight": (d, c, p, p), "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (1001, d),
+        "final_layer.linear.weight": (out, d), "final_layer.linear.bias": (out,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    }
+    for i in range(28):
+        b = f"blocks.{i}."
+        keys.update({
+            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
+            b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
+            b + "mlp.fc1.weight": (4 * d, d), b + "mlp.fc1.bias": (4 * d,),
+            b + "mlp.fc2.weight": (d, 4 * d), b + "mlp.fc2.bias": (d,),
+            b + "adaLN_modulation.1.weight": (6 * d, d), b + "adaLN_modulation.1.bias": (6 * d,),
+        })
+    if teacher_dim:
+        keys.update({
+            "projectors.0.0.weight": (2048, d), "projectors.0.0.bias": (2048,),
+            "projectors.0.2.weight": (2048, 2048), "projectors.0.2.bias": (2048,),
+            "projectors.0.4.weight": (teacher_dim, 2048), "projectors.0.4.bias": (teacher_dim,),
+        })
+    return keys
+
+
+def test_official_sit_xl2_key_set_and_parameter_count():
+    shapes = _meta_shapes("SiT-XL/2", input_size=32, learn_sigma=True)
+    assert shapes == _official_sit_xl2_layout(learn_sigma=True, teacher_dim=None)
+    # DiT-XL/2 / SiT-XL/2 report 675,129,632 parameters (pos_embed included).
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == 675_129_632
+
+
+def test_repa_sit_xl2_key_set():
+    shapes = _meta_shapes("SiT-XL/2", input_size=32, teacher_dims=[768])
+    assert shapes == _official_sit_xl2_layout(learn_sigma=False, teacher_dim=768)
+
+
+def test_repae_sit_xl1_has_latent_batchnorm_buffers():
+    shapes = _meta_shapes("SiT-XL/1", input_size=16, in_channels=32, teacher_dims=[768], latent_bn=True)
+    assert shapes["bn.running_mean"] == (32,) and shapes["bn.running_var"] == (32,)
+    assert shapes["bn.num_batches_tracked"] == ()
+    assert shapes["x_embedder.proj.weight"] == (1152, 32, 1, 1)
+    assert shapes["pos_embed"] == (1, 256, 1152)
+    assert shapes["final_layer.linear.weight"] == (32, 1152)
+
+
+@pytest.mark.parametrize("name,depth,width,heads,enc", [
+    ("SiT-XL/1", 28, 1152, 16, 8), ("SiT-L/2", 24, 1024, 16, 8),
+    ("SiT-B/1", 12, 768, 12, 4), ("SiT-S/4", 12, 384, 6, 4),
+])
+def test_presets_have_official_sizes(name, depth, width, heads, enc):
+    args = preset_args(name)
+    assert (args.depth, args.hidden_size, args.num_heads, args.encoder_depth) == (depth, width, heads, enc)
+    assert args.patch_size == int(name.split("/")[1])
+
+
+def test_unknown_preset_is_a_user_error():
+    with pytest.raises(UserError, match="SiT-Q/2"):
+        preset_args("SiT-Q/2")
+
+
+def _randomise(model: SiT, seed: int = 0) -> SiT:
+    """Non-zero values everywhere (the zero-initialised layers would hide layout errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() > 1 else 0.01))
+    return model
+
+
+def test_block_matches_timm_attention_and_mlp():
+    """Our block loads into timm's Attention / Mlp (the modules of the official code) and agrees with them."""
+    model = _randomise(build_sit("SiT-T/2", input_size=8))
+    block = model.blocks[0]
+    attn = TimmAttention(128, num_heads=4, qkv_bias=True)
+    attn.load_state_dict(block.attn.state_dict())  # strict: same key names and shapes
+    mlp = TimmMlp(128, 512, act_layer=lambda: torch.nn.GELU(approximate="tanh"))
+    mlp.load_state_dict(block.mlp.state_dict())
+    x = torch.randn(2, 16, 128)
+    c = torch.randn(2, 128)
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = block.adaLN_modulation(c).chunk(6, dim=-1)
+    ln = torch.nn.LayerNorm(128, elementwise_affine=False, eps=1e-6)
+    ref = x + gate_a[:, None] * attn(ln(x) * (1 + scale_a[:, None]) + shift_a[:, None])
+    ref = ref + gate_m[:, None] * mlp(ln(ref) * (1 + scale_m[:, None]) + shift_m[:, None])
+    torch.testing.assert_close(block(x, F.silu(c)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_embedding_equals_the_strided_convolution_and_unpatchify_inverts_it():
+    model = _randomise(build_sit("SiT-T/2", input_size=8))
+    x = torch.randn(3, 4, 8, 8)
+    conv = model.x_embedder.proj
+    ref = F.conv2d(x, conv.weight, conv.bias, stride=2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.x_embedder(x), ref, rtol=1e-5, atol=1e-5)
+    # unpatchify of the patch features (p_row, p_col, C order) gives the image back
+    patches = x.reshape(3, 4, 4, 2, 4, 2).permute(0, 2, 4, 3, 5, 1).reshape(3, 16, 16)
+    torch.testing.assert_close(model.unpatchify(patches), x)
+
+
+def test_fresh_model_predicts_zero_and_positions_follow_the_mae_layout():
+    model = build_sit("SiT-T/1", input_size=8, num_classes=6, teacher_dims=[112])
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 6])
+    v, tokens = model(x, t, y, return_tokens=True)
+    assert v.shape == x.shape and torch.count_nonzero(v) == 0  # zero-initialised final layer
+    assert len(tokens) == 1 and tokens[0].shape == (2, 64, 112)
+    pos = model.pos_embed[0]
+    d = pos.shape[1]
+    assert torch.allclose(pos[0], torch.cat([torch.zeros(d // 4), torch.ones(d // 4)] * 2))
+    # token 1 is (row 0, col 1): only the first half (the column code) differs from token 0
+    assert torch.equal(pos[1, d // 2:], pos[0, d // 2:]) and not torch.equal(pos[1, : d // 2], pos[0, : d // 2])
+    # token 8 is (row 1, col 0): only the second half differs
+    assert torch.equal(pos[8, : d // 2], pos[0, : d // 2])
+
+
+def test_tiny_forward_backward_reaches_every_parameter():
+    model = _randomise(build_sit("SiT-T/1", input_size=8, num_classes=6, teacher_dims=[16]))
+    v, (tok,) = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 6]), return_tokens=True)
+    (v.square().mean() + tok.square().mean()).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert unused == []
+
+
+def test_sit_convention_gives_the_same_clean_estimate():
+    """A t = 0-noise checkpoint, wrapped, predicts the same clean latent as the raw model in its own terms."""
+    args = preset_args("SiT-T/2", input_size=8, learn_sigma=True)
+    raw = _randomise(SiT(args))
+    wrapped = SiT(SiTArgs(**{**args.__dict__, "convention": "sit"}))
+    wrapped.load_state_dict(raw.state_dict())
+    x_t, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 1000])
+    t_ours = torch.tensor([0.1, 0.5, 0.9])
+    ours = velocity_to_data(x_t, wrapped(x_t, t_ours, y), t_ours)
+    t_theirs = 1 - t_ours  # SiT: x_t = t x + (1 - t) eps, u = x - eps, so x = x_t + (1 - t) u
+    theirs = x_t + (1 - t_theirs).view(-1, 1, 1, 1) * raw(x_t, t_theirs, y)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert raw(x_t, t_ours, y).shape == x_t.shape  # learn_sigma: the first C of 2C channels are kept
+
+
+def _save_torch(path, state, **extra):
+    torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(model="SiT", **extra)}, path)
+
+
+def test_load_official_sit_checkpoint_guesses_its_convention(tmp_path):
+    raw = _randomise(SiT(preset_args("SiT-T/2", input_size=8, learn_sigma=True)))
+    path = tmp_path / "SiT-T-2.pt"
+    _save_torch(path, raw.state_dict())
+    model = load_sit(path)
+    assert model.args.convention == "sit" and model.args.learn_sigma
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.7]), torch.tensor([3, 5])
+    torch.testing.assert_close(model(x, t, y), -raw(x, 1 - t, y))
+
+
+def test_load_repae_checkpoint_with_batchnorm_stats(tmp_path):
+    args = preset_args("SiT-T/1", input_size=4, in_channels=8, teacher_dims=[24], latent_bn=True)
+    ref = _randomise(SiT(args))
+    ref.bn.running_mean.copy_(torch.arange(8.0))
+    ref.bn.running_var.copy_(torch.full((8,), 4.0))
+    path = tmp_path / "repae.pt"
+    _save_torch(path, ref.state_dict(), bn_momentum=0.1)
+    model = load_sit(path, encoder_depth=2)
+    assert model.args.convention == "repa" and model.args.teacher_dims == [24]
+    mean, std = model.latent_statistics()
+    torch.testing.assert_close(mean, torch.arange(8.0))
+    torch.testing.assert_close(std, torch.full((8,), 2.0))
+    x, t, y = torch.randn(2, 8, 4, 4), torch.rand(2), torch.tensor([0, 2])
+    (v, tok), (v_ref, tok_ref) = model(x, t, y, True), ref(x, t, y, True)
+    torch.testing.assert_close(v, v_ref)
+    torch.testing.assert_close(tok[0], tok_ref[0])
+
+
+def test_load_safetensors_and_reject_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = _randomise(build_sit("SiT-T/4", input_size=8, teacher_dims=[10]))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "sit.safetensors"))
+    model = load_sit(tmp_path / "sit.safetensors", convention="repa")
+    assert infer_args(model.state_dict()).patch_size == 4
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="x_embedder.proj.weight"):
+        load_sit(tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="does not exist"):
+        load_sit(tmp_path / "missing.pt")
+
+
+def test_repa_loss_is_negative_mean_token_cosine():
+    h, y = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    cos = (h * y).sum(-1) / (h.norm(dim=-1) * y.norm(dim=-1))
+    torch.testing.assert_close(repa_loss([h], [y]), -cos.mean())
+    assert repa_loss([h], [3 * h]).item() == pytest.approx(-1.0)
+
+
+def test_drop_labels_rate_and_null_class():
+    y = torch.zeros(20000, dtype=torch.long)
+    g = torch.Generator().manual_seed(1)
+    dropped = drop_labels(y, 0.1, 1000, g)
+    assert set(dropped.unique().tolist()) == {0, 1000}
+    assert (dropped == 1000).float().mean().item() == pytest.approx(0.1, abs=0.01)
+    assert torch.equal(drop_labels(y, 0.0, 1000, g), y)
+
+
+def _math_attention(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+def test_forward_flops_match_torch_flop_counter(monkeypatch):
+    args = preset_args("SiT-T/2", input_size=16, teacher_dims=[32], num_classes=10)
+    model = _randomise(SiT(args))
+    x, t, y = torch.randn(3, 4, 16, 16), torch.rand(3), torch.tensor([1, 2, 3])
+    fused = model(x, t, y)
+    # the CPU flop counter does not see inside fused SDPA: count the same attention written as matmuls
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _math_attention)
+    torch.testing.assert_close(model(x, t, y), fused, rtol=1e-4, atol=1e-5)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, t, y, return_tokens=True)
+    assert forward_flops(args) * 3 == counter.get_total_flops()
+
+
+def test_cpu_bf16_attention_path_matches_fused_sdpa():
+    """The matmul attention used for bf16 on CPU computes the same softmax attention as SDPA."""
+    from sendvae.models.sit import attention
+
+    q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=0.03, atol=0.03)
+    torch.testing.assert_close(attention(q, k, v), ref)  # float32: the fused kernel itself
