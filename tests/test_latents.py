@@ -92,6 +92,16 @@ def test_cache_made_by_another_vae_is_refused_naming_both(cached, tmp_path):
         cache_latents(other, SPEC, out, batch_size=5, resolution=RES, shard_size=10, device="cpu", num_workers=0)
 
 
+def test_new_latent_statistics_need_no_re_encoding(cached, tmp_path):
+    vae_dir, out = cached
+    vae = load_vae(vae_dir)
+    vae.set_latent_stats(torch.zeros(4), torch.full((4,), 3.0))
+    restated = save_vae(vae, tmp_path / "restated")
+    item = LatentDataset(out, restated)[5]  # same weights, new statistics: the cache is still valid
+    raw = LatentDataset(out)[5]
+    torch.testing.assert_close(item["mean"], raw["mean"] / 3.0)
+
+
 def test_draw_latents_picks_each_flip_and_is_reproducible():
     mean = torch.stack([torch.zeros(500, 2, 2, 2), torch.ones(500, 2, 2, 2)], dim=1)
     std = torch.zeros_like(mean)

@@ -183,7 +183,7 @@ def cache_latents(
     try:
         out = Path(out)
         vae = load_vae(vae_path).to(info.device).eval().requires_grad_(False)
-        fingerprint = vae_fingerprint(vae)
+        fingerprint = vae_fingerprint(vae, include_stats=False)
         dataset = open_image_dataset(data_spec, resolution) if resolution else open_image_dataset(data_spec)
         if len(dataset) == 0:
             raise UserError(f"data {data_spec} holds no images")
@@ -395,7 +395,7 @@ class LatentDataset(Dataset):
 
             vae_name = str(vae) if isinstance(vae, (str, Path)) else "given as a module"
             module = load_vae(vae) if isinstance(vae, (str, Path)) else vae
-            check_fingerprint(self.info, vae_fingerprint(module), vae_name)
+            check_fingerprint(self.info, vae_fingerprint(module, include_stats=False), vae_name)
             self.shift = module.latent_mean.detach().float().cpu().reshape(-1, 1, 1)
             self.scale = module.latent_std.detach().float().cpu().reshape(-1, 1, 1)
         if teacher and not self.info.teacher:

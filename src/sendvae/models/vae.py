@@ -935,10 +935,21 @@ def export_diffusers(vae: VAE, folder: str | Path) -> Path:
     return _atomic_folder(Path(folder), write)
 
 
-def vae_fingerprint(vae: VAE) -> str:
-    """sha256 over the sorted state dict (names, dtypes, shapes, bytes; latent statistics included)."""
+_STAT_BUFFERS = ("latent_mean", "latent_std")
+
+
+def vae_fingerprint(vae: VAE, include_stats: bool = True) -> str:
+    """sha256 over the sorted state dict (names, dtypes, shapes, bytes).
+
+    With ``include_stats`` (the default) the latent statistics count too: a SiT trained on latents
+    normalised with one set of statistics must decode with the same set. Without them the
+    fingerprint identifies the encoder/decoder weights alone: a latent cache stores the raw
+    posterior, so it stays valid when only the statistics change (DESIGN.md section 2).
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
+        if not include_stats and name in _STAT_BUFFERS:
+            continue
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -348,8 +348,8 @@ def build_sit_stage(cfg: TrainSiTConfig) -> tuple[SiTStage, LatentDataset]:
     if not Path(vae_path).exists():
         raise ConfigError(f"data.vae: {vae_path} does not exist (the VAE the cache {cache.path} was made with)")
     vae = load_vae(vae_path)
-    fingerprint = vae_fingerprint(vae)
-    check_fingerprint(cache, fingerprint, str(vae_path))
+    check_fingerprint(cache, vae_fingerprint(vae, include_stats=False), str(vae_path))
+    fingerprint = vae_fingerprint(vae)  # with the statistics the SiT's latents were normalised by
     c, h, w = cache.latent_shape
     if h != w:
         raise ConfigError(f"data.cache: latents are {h}x{w}; the SiT needs square latents")
