@@ -1,0 +1,734 @@
+"""Generation metrics as in ADM's evaluator, in PyTorch: gFID, sFID, IS, precision / recall, KID, teacher FDs.
+
+The protocol of guided-diffusion's ``evaluations/evaluator.py`` (SPEC.md section 5), re-implemented:
+
+- **gFID**: Frechet distance ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` between Gaussians fitted
+  (mean, unbiased covariance, float64) to Inception ``pool_3`` features (the trace of the matrix
+  root from symmetric eigendecompositions: :func:`frechet_distance`).
+- **sFID**: the same on the spatial features (``mixed_6/conv``, 7 channels; :mod:`.inception`).
+- **Inception Score**: ``exp(E_x KL(p(y|x) || p(y)))`` with the softmax of the bias-free logits,
+  computed on consecutive splits of 5,000 samples and averaged over splits.
+- **Precision / recall** (Kynkaanniemi et al. 2019, k = 3): the manifold of a set is the union of
+  balls around its points with radius the distance to the k-th nearest other point; precision is the
+  fraction of samples inside the reference manifold, recall the fraction of reference images inside
+  the sample manifold. Distances are computed in blocks, in float64 (ADM uses float16).
+- **KID** (Binkowski et al. 2018): unbiased MMD^2 with the kernel ``(x.y / d + 1)^3`` on pool features,
+  averaged over random subsets.
+- **FD in other feature spaces**: the Frechet distance on mean-pooled teacher tokens (DINOv2,
+  EfficientNet-Lite0).
+
+Files follow ADM's format: samples ``np.savez(arr_0=uint8 [N, H, W, 3])`` (labels in ``arr_1``), and
+the reference batch (``VIRTUAL_imagenet256_labeled.npz``) adds ``mu, sigma`` (pool) and
+``mu_s, sigma_s`` (spatial) computed over the whole reference set, with ``arr_0`` a subset of its
+images (10k) used for precision / recall. :func:`make_reference_batch` writes that format for any
+image store or npz. Large arrays are streamed in and out of the npz (no 10 GB array in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sendvae.errors import UserError
+from sendvae.eval.inception import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+IS_SPLIT_SIZE = 5000
+PR_NEIGHBOURS = 3
+REFERENCE_IMAGES = 10_000
+
+
+# --------------------------------------------------------------------------------------------------
+# npz files, streamed
+# --------------------------------------------------------------------------------------------------
+
+
+class _ArrayStream:
+    """Rows appended to one ``.npy`` member of an open zip; checks the declared shape."""
+
+    def __init__(self, handle: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.handle, self.name, self.shape, self.dtype, self.rows = handle, name, shape, dtype, 0
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block)
+        if block.dtype != self.dtype or block.shape[1:] != self.shape[1:]:
+            raise ValueError(f"{self.name}: block {block.dtype} {block.shape} does not fit {self.dtype} {self.shape}")
+        if self.rows + len(block) > self.shape[0]:
+            raise ValueError(f"{self.name}: more than the declared {self.shape[0]} rows")
+        self.handle.write(block.tobytes())
+        self.rows += len(block)
+
+
+class NpzWriter:
+    """Write an ``.npz`` (a zip of ``.npy`` members, uncompressed) member by member, atomically.
+
+    ``array(name, a)`` writes a small array, ``stream(name, shape, dtype)`` a large one block by block.
+    The file appears under its name only when the ``with`` block ends without an error.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
+        self.zip: zipfile.ZipFile | None = None
+
+    def __enter__(self) -> NpzWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        return self
+
+    def array(self, name: str, array: np.ndarray) -> None:
+        assert self.zip is not None, "use NpzWriter in a with block"
+        with self.zip.open(f"{name}.npy", "w", force_zip64=True) as handle:
+            np.lib.format.write_array(handle, np.asarray(array), allow_pickle=False)
+
+    @contextmanager
+    def stream(self, name: str, shape: Sequence[int], dtype: Any) -> Iterator[_ArrayStream]:
+        assert self.zip is not None, "use NpzWriter in a with block"
+        shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        with self.zip.open(f"{name}.npy", "w", force_zip64=True) as handle:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(handle, header)
+            stream = _ArrayStream(handle, name, shape, dtype)
+            yield stream
+            if stream.rows != shape[0]:
+                raise ValueError(f"{name}: {stream.rows} rows written, {shape[0]} declared")
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self.zip is not None
+        self.zip.close()
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+
+class NpzArray:
+    """One array of an ``.npz`` file read in row blocks without loading it whole (``len``, ``shape``, ``batches``)."""
+
+    def __init__(self, path: str | Path, key: str = "arr_0") -> None:
+        self.path, self.key = Path(path), key
+        if not self.path.is_file():
+            raise UserError(f"{self.path} does not exist")
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                names = zf.namelist()
+                if f"{key}.npy" not in names:
+                    raise UserError(f"{self.path} has no array {key!r} (it has {[n[:-4] for n in names]})")
+                with zf.open(f"{key}.npy") as f:
+                    self.shape, self.fortran, self.dtype = _read_npy_header(f)
+        except zipfile.BadZipFile:
+            raise UserError(f"{self.path} is not an npz file") from None
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+        """Consecutive row blocks of at most ``batch_size`` rows (the first ``limit`` rows only, if given)."""
+        total = len(self) if limit is None else min(limit, len(self))
+        if self.fortran or self.dtype.hasobject:
+            data = np.load(self.path, allow_pickle=False)[self.key]
+            for start in range(0, total, batch_size):
+                yield np.ascontiguousarray(data[start : min(start + batch_size, total)])
+            return
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
+            _read_npy_header(f)
+            for start in range(0, total, batch_size):
+                n = min(batch_size, total - start)
+                data = f.read(n * row)
+                if len(data) != n * row:
+                    raise UserError(f"{self.path}: {self.key} is truncated at row {start}")
+                yield np.frombuffer(data, dtype=self.dtype).reshape(n, *self.shape[1:])
+
+    def read(self) -> np.ndarray:
+        return np.load(self.path, allow_pickle=False)[self.key]
+
+
+def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def npz_keys(path: str | Path) -> list[str]:
+    with zipfile.ZipFile(path) as zf:
+        return [n.removesuffix(".npy") for n in zf.namelist()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Image sources
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageSource:
+    """Uint8 images [B, 3, H, W] in batches, from an ADM npz (``arr_0`` NHWC) or an image store / ``shapes:N``."""
+
+    spec: str
+    num_images: int | None = None  # the first num_images only
+    resolution: int | None = None  # for image stores (an npz keeps its own size)
+    num_workers: int = 0
+
+    def is_npz(self) -> bool:
+        return self.spec.endswith(".npz")
+
+    def __len__(self) -> int:
+        n = len(NpzArray(self.spec)) if self.is_npz() else len(self._dataset())
+        return n if self.num_images is None else min(n, self.num_images)
+
+    def _dataset(self) -> Any:
+        from sendvae.data.store import open_image_dataset
+
+        if self.resolution is None:
+            return open_image_dataset(self.spec)
+        return open_image_dataset(self.spec, self.resolution)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(images uint8 [B, 3, H, W], labels [B] or None) in index order."""
+        if self.is_npz():
+            array = NpzArray(self.spec)
+            if array.dtype != np.uint8 or len(array.shape) != 4 or array.shape[-1] != 3:
+                raise UserError(f"{self.spec}: arr_0 must be uint8 [N, H, W, 3], got {array.dtype} {array.shape}")
+            labels = NpzArray(self.spec, "arr_1").read() if "arr_1" in npz_keys(self.spec) else None
+            start = 0
+            for block in array.batches(batch_size, self.num_images):
+                y = None if labels is None else torch.from_numpy(labels[start : start + len(block)].astype(np.int64))
+                start += len(block)
+                yield torch.from_numpy(block.copy()).permute(0, 3, 1, 2), y
+            return
+        dataset = self._dataset()
+        n = len(self)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, range(n)),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+        )
+        for item in loader:
+            yield item["image"], item["label"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature statistics
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureStats:
+    """A Gaussian fitted to features: mean and unbiased covariance, float64."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> FeatureStats:
+        features = np.asarray(features, dtype=np.float64)
+        return cls(features.mean(axis=0), np.cov(features, rowvar=False))
+
+
+class RunningStats:
+    """Mean and unbiased covariance accumulated batch by batch in float64.
+
+    Sums are taken about the first image's features (a shift that does not depend on the batch size),
+    which keeps the subtraction ``sum(x x^T) - n mu mu^T`` from cancelling digits when the mean is large.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: np.ndarray | None = None
+        self.sum: np.ndarray | None = None
+        self.outer: np.ndarray | None = None
+
+    def update(self, features: np.ndarray) -> None:
+        x = np.asarray(features, dtype=np.float64)
+        if self.shift is None:
+            self.shift = x[0].copy()
+            self.sum = np.zeros(x.shape[1])
+            self.outer = np.zeros((x.shape[1], x.shape[1]))
+        x = x - self.shift
+        self.n += len(x)
+        self.sum += x.sum(axis=0)
+        self.outer += x.T @ x
+
+    def result(self) -> FeatureStats:
+        if self.n < 2 or self.shift is None:
+            raise UserError(f"statistics need at least 2 images, got {self.n}")
+        mean = self.sum / self.n
+        sigma = (self.outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+        return FeatureStats(mean + self.shift, sigma)
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))`` in float64.
+
+    ADM (after TTUR) takes ``scipy.linalg.sqrtm`` of the non-symmetric product ``S_a S_b``. Only the
+    trace of that root enters, and ``S_a S_b`` has the eigenvalues of the symmetric PSD matrix
+    ``S_a^(1/2) S_b S_a^(1/2)``, so ``tr((S_a S_b)^(1/2)) = sum sqrt(eig(S_a^(1/2) S_b S_a^(1/2)))``:
+    the same number (tested against sqrtm), from two symmetric eigendecompositions, which stay exact
+    for singular covariances (fewer images than dimensions) and take seconds instead of a minute at d = 2048.
+    """
+    mu1, mu2 = np.atleast_1d(a.mu).astype(np.float64), np.atleast_1d(b.mu).astype(np.float64)
+    s1, s2 = np.atleast_2d(a.sigma).astype(np.float64), np.atleast_2d(b.sigma).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise UserError(
+            f"feature statistics differ in size: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+        )
+    eigenvalues, vectors = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (vectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ vectors.T
+    middle = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
+    """Mean over consecutive splits of ``exp(mean_x KL(p(y|x) || mean_x p(y|x)))``, softmax in float64."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    log_p = torch.log_softmax(logits, dim=1)
+    scores = []
+    for start in range(0, len(log_p), split_size):
+        part = log_p[start : start + split_size]
+        log_marginal = torch.logsumexp(part, dim=0) - math.log(len(part))
+        kl = (part.exp() * (part - log_marginal)).sum(dim=1).mean()
+        scores.append(float(kl.exp()))
+    return float(np.mean(scores))
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None]).clamp_min_(0.0)
+
+
+def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURS, block: int = 4096) -> torch.Tensor:
+    """Squared distance of each point to its k-th nearest other point, computed in row x column blocks."""
+    n = len(features)
+    if n <= k:
+        raise UserError(f"precision/recall with k={k} needs more than {k} points, got {n}")
+    radii = torch.empty(n, dtype=features.dtype, device=features.device)
+    for r0 in range(0, n, block):
+        rows = features[r0 : r0 + block]
+        best = torch.full((len(rows), k), math.inf, dtype=features.dtype, device=features.device)
+        row_index = torch.arange(r0, r0 + len(rows), device=features.device)
+        for c0 in range(0, n, block):
+            d = _squared_distances(rows, features[c0 : c0 + block])
+            col_index = torch.arange(c0, c0 + d.shape[1], device=features.device)
+            d.masked_fill_(row_index[:, None] == col_index[None, :], math.inf)  # a point is not its own neighbour
+            nearest = d.topk(min(k, d.shape[1]), dim=1, largest=False).values
+            best = torch.cat([best, nearest], dim=1).topk(k, dim=1, largest=False).values
+        radii[r0 : r0 + len(rows)] = best[:, k - 1]
+    return radii
+
+
+def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, block: int) -> torch.Tensor:
+    """For each point, whether it lies within ``radii[j]`` (squared) of some centre j."""
+    inside = torch.zeros(len(points), dtype=torch.bool, device=points.device)
+    for r0 in range(0, len(points), block):
+        rows = points[r0 : r0 + block]
+        for c0 in range(0, len(centres), block):
+            d = _squared_distances(rows, centres[c0 : c0 + block])
+            inside[r0 : r0 + len(rows)] |= (d <= radii[None, c0 : c0 + block]).any(dim=1)
+    return inside
+
+
+def precision_recall(
+    reference: np.ndarray,
+    samples: np.ndarray,
+    k: int = PR_NEIGHBOURS,
+    device: torch.device | str = "cpu",
+    block: int = 4096,
+) -> tuple[float, float]:
+    """Improved precision and recall with k-nearest-neighbour manifolds (float64, blocked)."""
+    ref = torch.as_tensor(np.asarray(reference), dtype=torch.float64, device=device)
+    gen = torch.as_tensor(np.asarray(samples), dtype=torch.float64, device=device)
+    ref_radii, gen_radii = manifold_radii(ref, k, block), manifold_radii(gen, k, block)
+    precision = _inside_manifold(gen, ref, ref_radii, block).double().mean().item()
+    recall = _inside_manifold(ref, gen, gen_radii, block).double().mean().item()
+    return precision, recall
+
+
+def kernel_inception_distance(
+    a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID: mean and std over random subsets of the unbiased MMD^2 with kernel ``(x.y / d + 1)^3``."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise UserError(f"KID needs at least 2 images per set, got {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seed)
+    d = a.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        values.append(within - 2.0 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+# --------------------------------------------------------------------------------------------------
+# Features of an image source
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureSummary:
+    """Statistics of every feature ``<extractor>.<name>``, plus the features kept in full (float32)."""
+
+    count: int
+    stats: dict[str, FeatureStats] = field(default_factory=dict)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: np.ndarray | None = None
+
+
+def summarize(
+    batches: Iterable[tuple[torch.Tensor, Any]],
+    extractors: Sequence[FeatureExtractor],
+    keep: Sequence[str] = (),
+    total: int | None = None,
+    desc: str = "features",
+    on_batch: Any = None,
+) -> FeatureSummary:
+    """Run every extractor on every batch; accumulate statistics of all features and keep those named in ``keep``.
+
+    ``on_batch(images)`` (optional) sees each uint8 batch, e.g. to write it elsewhere.
+    """
+    running: dict[str, RunningStats] = {}
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in keep}
+    labels: list[np.ndarray] = []
+    every_batch_labelled = True
+    count = 0
+    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True) as progress:
+        for images, y in batches:
+            if on_batch is not None:
+                on_batch(images)
+            for extractor in extractors:
+                for name, value in extractor(images).items():
+                    key = f"{extractor.name}.{name}"
+                    array = value.cpu().numpy()  # statistics in float64; kept features in their own dtype
+                    running.setdefault(key, RunningStats()).update(array)
+                    if key in kept:
+                        kept[key].append(array)
+            if y is None:
+                every_batch_labelled = False
+            else:
+                labels.append(np.asarray(y))
+            count += len(images)
+            progress.update(len(images))
+    missing = [name for name in keep if name not in running]
+    if missing:
+        raise ValueError(f"no extractor produced {missing}; produced {sorted(running)}")
+    return FeatureSummary(
+        count=count,
+        stats={k: v.result() for k, v in running.items()},
+        features={k: np.concatenate(v) for k, v in kept.items()},
+        labels=np.concatenate(labels) if labels and every_batch_labelled else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference batch and the evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_stat_keys(feature: str) -> tuple[str, str]:
+    """npz keys of the statistics of a feature: ADM's names for Inception, ``mu_<name>``/``sigma_<name>`` else."""
+    if feature == "inception.pool":
+        return "mu", "sigma"
+    if feature == "inception.spatial":
+        return "mu_s", "sigma_s"
+    name = feature.removesuffix(".pool")
+    return f"mu_{name}", f"sigma_{name}"
+
+
+def read_reference_stats(path: str | Path) -> dict[str, FeatureStats]:
+    """The precomputed statistics in a reference npz, by feature (``inception.pool``, ``inception.spatial``, ...)."""
+    keys = set(npz_keys(path))
+    stats = {}
+    with np.load(path, allow_pickle=False) as data:
+        for key in keys:
+            if key.startswith("mu") and ("sigma" + key[2:]) in keys:
+                suffix = key[2:]
+                feature = {"": "inception.pool", "_s": "inception.spatial"}.get(suffix, suffix[1:] + ".pool")
+                stats[feature] = FeatureStats(data[key].astype(np.float64), data["sigma" + suffix].astype(np.float64))
+    return stats
+
+
+def make_reference_batch(
+    source: ImageSource,
+    out: str | Path,
+    extractors: Sequence[FeatureExtractor],
+    keep_images: int = REFERENCE_IMAGES,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """ADM's reference format for ``source``: statistics over all its images, ``arr_0`` = ``keep_images`` of them.
+
+    The kept images are a seeded random subset, stored in index order (with their labels in ``arr_1``
+    when the source has labels). Returns a small summary (counts, keys written).
+    """
+    n = len(source)
+    if n < 2:
+        raise UserError(f"{source.spec} has {n} images; a reference batch needs at least 2")
+    keep = min(keep_images, n)
+    chosen = np.sort(np.random.default_rng(seed).choice(n, keep, replace=False))
+    first = next(source.batches(1))[0]
+    height, width = first.shape[2:]
+    out = Path(out)
+    with NpzWriter(out) as writer:
+        with writer.stream("arr_0", (keep, height, width, 3), np.uint8) as stream:
+            position = [0]
+
+            def keep_chosen(images: torch.Tensor) -> None:
+                start = position[0]
+                local = chosen[(chosen >= start) & (chosen < start + len(images))] - start
+                if images.shape[2:] != (height, width):
+                    raise UserError(
+                        f"{source.spec}: images differ in size ({tuple(images.shape[2:])} vs {(height, width)})"
+                    )
+                stream.write(images[torch.as_tensor(local, dtype=torch.long)].permute(0, 2, 3, 1).numpy())
+                position[0] += len(images)
+
+            summary = summarize(
+                source.batches(batch_size), extractors, total=n, desc="reference features", on_batch=keep_chosen
+            )
+        written = ["arr_0"]
+        if summary.labels is not None:
+            writer.array("arr_1", summary.labels[chosen].astype(np.int64))
+            written.append("arr_1")
+        for feature, stats in sorted(summary.stats.items()):
+            if feature.endswith(".logits"):
+                continue
+            mu_key, sigma_key = reference_stat_keys(feature)
+            writer.array(mu_key, stats.mu)
+            writer.array(sigma_key, stats.sigma)
+            written += [mu_key, sigma_key]
+    log.info("wrote reference batch %s: statistics of %d images, %d images kept", out, summary.count, keep)
+    return {"reference": str(out), "images_in_statistics": summary.count, "images_kept": int(keep), "keys": written}
+
+
+@dataclass
+class GenerationMetrics:
+    """Every metric of one evaluation (None where it was not computed)."""
+
+    num_samples: int
+    num_reference_images: int
+    inception_score: float
+    fid: float
+    sfid: float | None
+    precision: float
+    recall: float
+    kid: float | None = None
+    kid_std: float | None = None
+    frechet: dict[str, float] = field(default_factory=dict)  # other feature spaces
+    samples: str = ""
+    reference: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+    def table(self) -> str:
+        rows = [
+            ("samples", self.samples),
+            ("reference", self.reference),
+            ("images", f"{self.num_samples} vs {self.num_reference_images}"),
+            ("gFID", self.fid),
+            ("sFID", self.sfid),
+            ("Inception Score", self.inception_score),
+            ("Precision", self.precision),
+            ("Recall", self.recall),
+            ("KID", self.kid),
+        ]
+        rows += [(f"FD {name}", value) for name, value in self.frechet.items()]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{name:<{width}}  {_fmt(value)}" for name, value in rows)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    return str(value)
+
+
+def evaluate_samples(
+    samples: ImageSource,
+    reference: str | Path,
+    inception: FeatureExtractor,
+    teachers: Sequence[FeatureExtractor] = (),
+    batch_size: int = 64,
+    kid: bool = True,
+    device: torch.device | str = "cpu",
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+) -> GenerationMetrics:
+    """ADM's metrics of ``samples`` against the reference batch ``reference`` (plus KID and teacher FDs).
+
+    gFID / sFID use the reference's stored ``mu, sigma`` / ``mu_s, sigma_s`` when present (as ADM
+    does), else statistics of its ``arr_0``; precision, recall and KID compare pool features of the
+    samples with those of the reference's ``arr_0``; teacher FDs use stored ``mu_<name>`` when present.
+    """
+    extractors = [inception, *teachers]
+    ref_source = ImageSource(str(reference))
+    stored = read_reference_stats(reference)
+    gen = summarize(
+        samples.batches(batch_size),
+        extractors,
+        keep=("inception.pool", "inception.logits"),
+        total=len(samples),
+        desc="sample features",
+    )
+    ref = summarize(
+        ref_source.batches(batch_size),
+        extractors,
+        keep=("inception.pool",),
+        total=len(ref_source),
+        desc="reference features",
+    )
+
+    def ref_stats(feature: str) -> FeatureStats:
+        return stored.get(feature) or ref.stats[feature]
+
+    precision, recall = precision_recall(ref.features["inception.pool"], gen.features["inception.pool"], device=device)
+    kid_mean = kid_std = None
+    if kid:
+        kid_mean, kid_std = kernel_inception_distance(
+            ref.features["inception.pool"],
+            gen.features["inception.pool"],
+            subsets=kid_subsets,
+            subset_size=kid_subset_size,
+        )
+    frechet = {t.name: frechet_distance(gen.stats[f"{t.name}.pool"], ref_stats(f"{t.name}.pool")) for t in teachers}
+    return GenerationMetrics(
+        num_samples=gen.count,
+        num_reference_images=ref.count,
+        inception_score=inception_score(gen.features["inception.logits"]),
+        fid=frechet_distance(gen.stats["inception.pool"], ref_stats("inception.pool")),
+        sfid=frechet_distance(gen.stats["inception.spatial"], ref_stats("inception.spatial")),
+        precision=precision,
+        recall=recall,
+        kid=kid_mean,
+        kid_std=kid_std,
+        frechet=frechet,
+        samples=samples.spec,
+        reference=str(reference),
+    )
+
+
+def write_metrics(metrics: Mapping[str, Any], path: str | Path) -> None:
+    """Write metrics as JSON (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points of `sendvae evaluate`
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(device)
+
+
+def build_extractors(
+    inception: str | Path | None,
+    features: Sequence[str] = (),
+    device: str = "auto",
+    inception_dtype: torch.dtype = torch.float32,
+) -> tuple[FeatureExtractor, list[FeatureExtractor]]:
+    """The Inception extractor and the teacher extractors named in ``features`` (``NAME`` or ``NAME:WEIGHTS``)."""
+    from sendvae.eval.inception import InceptionFeatures, build_feature_extractor
+
+    where = resolve_device(device)
+    teachers: list[FeatureExtractor] = [build_feature_extractor(spec, where) for spec in features if spec]
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names) or "inception" in names:
+        raise UserError(f"--features: each feature space once, and not 'inception' (got {names})")
+    return InceptionFeatures(inception, where, inception_dtype), teachers
+
+
+def evaluate_files(
+    samples: str,
+    reference: str | Path,
+    *,
+    inception: str | Path | None = None,
+    features: Sequence[str] = (),
+    batch_size: int = 64,
+    device: str = "auto",
+    kid: bool = True,
+    num_samples: int | None = None,
+    json_out: str | Path | None = None,
+    inception_dtype: torch.dtype = torch.float32,
+) -> GenerationMetrics:
+    """Evaluate a samples npz (or image store) against a reference npz; write the metrics as JSON."""
+    if not Path(reference).is_file():
+        raise UserError(
+            f"reference batch {reference} does not exist (e.g. VIRTUAL_imagenet256_labeled.npz, or make "
+            "one with `sendvae evaluate --make-ref`)"
+        )
+    source = ImageSource(samples, num_images=num_samples)
+    if source.is_npz() and not Path(samples).is_file():
+        raise UserError(f"samples file {samples} does not exist")
+    inception_net, teachers = build_extractors(inception, features, device, inception_dtype)
+    metrics = evaluate_samples(
+        source, reference, inception_net, teachers, batch_size=batch_size, kid=kid, device=resolve_device(device)
+    )
+    out = Path(json_out) if json_out else _default_json(samples)
+    write_metrics(metrics.to_json(), out)
+    log.info("metrics written to %s", out)
+    return metrics
+
+
+def _default_json(samples: str) -> Path:
+    path = Path(samples)
+    if samples.endswith(".npz"):
+        return path.with_name(path.name.removesuffix(".npz") + ".metrics.json")
+    return Path(f"{path.name.split(':')[0]}.metrics.json")
+
+
+def make_reference(
+    source: str,
+    out: str | Path,
+    *,
+    inception: str | Path | None = None,
+    features: Sequence[str] = (),
+    resolution: int | None = None,
+    num_images: int | None = None,
+    keep_images: int = REFERENCE_IMAGES,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str = "auto",
+    num_workers: int = 0,
+    inception_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """``sendvae evaluate --make-ref``: ADM's reference format for an image store, ``shapes:N`` or an npz."""
+    if not str(out).endswith(".npz"):
+        raise UserError(f"reference output {out} must end in .npz")
+    inception_net, teachers = build_extractors(inception, features, device, inception_dtype)
+    image_source = ImageSource(source, num_images=num_images, resolution=resolution, num_workers=num_workers)
+    return make_reference_batch(
+        image_source, out, [inception_net, *teachers], keep_images=keep_images, seed=seed, batch_size=batch_size
+    )

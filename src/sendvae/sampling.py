@@ -1,0 +1,643 @@
+"""Samplers for the stage-2 flow (SPEC.md section 5): Euler / Heun ODE, Euler-Maruyama SDE, guidance, labels, seeds.
+
+Time convention (DESIGN.md section 2): t = 1 is noise, ``x_t = (1 - t) x + t eps`` and the model
+predicts the velocity ``v = eps - x``. Every sampler starts from ``x_1 ~ N(0, I)`` and integrates
+``dx/dt = v`` from t = 1 down to 0.
+
+- **ODE** (Euler, Heun): the grid ``linspace(1, 0, steps + 1)``; Heun adds a trapezoid correction on
+  every step but the last (its end point t = 0 is where the model is least reliable, and the
+  correction there would cost one more evaluation; EDM and REPA make the same choice).
+- **SDE** (Euler-Maruyama): the reverse-time SDE with the same marginals as the flow,
+  ``dx = [v - w(t)/2 * score] dt + sqrt(w(t)) dW`` with diffusion coefficient ``w(t) = 2t`` and the
+  score from :func:`sendvae.transport.velocity_to_score`, on ``linspace(1, 0.04, steps)``; then one
+  deterministic step from 0.04 to 0 with the same drift and no noise (the mean of the last
+  transition: added noise there would survive into the image). ``steps`` counts model evaluations.
+- **Classifier-free guidance** on all latent channels: ``v = v_uncond + scale (v_cond - v_uncond)``,
+  only on steps whose start time lies in the interval ``[low, high]`` (t = 1 noise; REPA-E's
+  ``[0, 0.75]`` guides the last three quarters). For the SDE this equals guiding the drift, because
+  the drift is affine in v. Off the interval (or with scale 1) the model runs once per evaluation on
+  the plain batch; only guided steps duplicate the batch with the null label.
+- **State** in float64; the model is called in its own dtype (its parameters' dtype).
+- **Seeds**: sample i draws its initial noise, then its SDE increments, from its own generator seeded
+  by (seed, i), and with ``labels="random"`` its label from another stream seeded by (seed, i).
+  ``labels="balanced"`` gives every class the same count (N / num_classes), in a permutation fixed
+  by the seed. So a sample depends on its index only: not on the batch size, nor on the number of
+  processes.
+
+:func:`sample_to_npz` runs a whole sampling job across ``torchrun`` ranks and writes the ADM-format
+npz (``arr_0`` uint8 [N, H, W, 3], ``arr_1`` labels); it resumes an interrupted job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sendvae.config import ConfigError, param
+from sendvae.errors import UserError
+from sendvae.transport import velocity_to_score
+
+log = logging.getLogger(__name__)
+
+VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``model(x [B, C, H, W], t [B], y [B]) -> velocity`` in this project's convention (``SiT.forward``)."""
+
+NoiseSource = Callable[[], torch.Tensor]
+"""Each call returns the next standard normal draw [B, C, H, W] (float64), one row per sample."""
+
+SDE_END_TIME = 0.04  # the Euler-Maruyama part stops here; one deterministic step goes on to 0.
+
+_NOISE_STREAM, _LABEL_STREAM, _PERMUTATION_STREAM = 0, 1, 2
+
+
+@dataclass
+class SamplingConfig:
+    """How to draw samples (the options of ``sendvae sample``)."""
+
+    sampler: str = param("sde", "sde (Euler-Maruyama), euler or heun (ODE)", choices=("sde", "euler", "heun"))
+    steps: int = param(
+        250, "model evaluations per sample without guidance (SDE: steps - 1 stochastic + 1 final)", min=1
+    )
+    cfg_scale: float = param(1.0, "classifier-free guidance scale (1 = off)", min=0.0)
+    guidance_interval: tuple[float, float] = param(
+        (0.0, 1.0), "guide only steps starting at t in [low, high] (t = 1 noise)"
+    )
+    labels: str = param("balanced", "balanced (equal count per class) or random labels", choices=("balanced", "random"))
+    seed: int = param(0, "sample i depends only on (seed, i)", min=0)
+
+    def check(self) -> None:
+        low, high = self.guidance_interval
+        if not 0.0 <= low <= high <= 1.0:
+            raise ConfigError(f"guidance_interval: {list(self.guidance_interval)} must satisfy 0 <= low <= high <= 1")
+        if self.sampler == "sde" and self.steps < 2:
+            raise ConfigError(f"steps: the SDE sampler needs at least 2 steps, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: ``scale`` on steps starting at t in [low, high]; ``null_label`` is unconditional."""
+
+    scale: float = 1.0
+    low: float = 0.0
+    high: float = 1.0
+    null_label: int = 1000
+
+    def active(self, t: float) -> bool:
+        return self.scale != 1.0 and self.low <= t <= self.high
+
+
+# --------------------------------------------------------------------------------------------------
+# One (guided) velocity evaluation, and the three samplers
+# --------------------------------------------------------------------------------------------------
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The dtype of the model's first floating parameter (float32 for a plain callable)."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float32
+
+
+def velocity(
+    model: VelocityModel,
+    x: torch.Tensor,
+    t: float,
+    y: torch.Tensor,
+    guidance: Guidance,
+    guided: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The velocity at time ``t`` in float64; when ``guided``, ``v_u + scale (v_c - v_u)`` on every channel.
+
+    Unguided, the model sees the batch once; guided, it sees ``[x, x]`` with labels ``[y, null]``.
+    """
+    if guided:
+        x_in = torch.cat([x, x])
+        y_in = torch.cat([y, torch.full_like(y, guidance.null_label)])
+    else:
+        x_in, y_in = x, y
+    t_in = torch.full((x_in.shape[0],), t, dtype=dtype, device=x.device)
+    v = model(x_in.to(dtype), t_in, y_in).to(torch.float64)
+    if not guided:
+        return v
+    v_cond, v_uncond = v.chunk(2)
+    return v_uncond + guidance.scale * (v_cond - v_uncond)
+
+
+def euler_ode(
+    model: VelocityModel,
+    x1: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    guidance: Guidance,
+    heun: bool = False,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Integrate ``dx/dt = v`` from t = 1 to 0 on ``linspace(1, 0, steps + 1)``; Heun corrects all but the last step."""
+    dtype = dtype or model_dtype(model)
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    x = x1.to(torch.float64)
+    for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        guided = guidance.active(t_cur)  # the interval gates whole steps, by their start time
+        v = velocity(model, x, t_cur, y, guidance, guided, dtype)
+        x_next = x + (t_next - t_cur) * v
+        if heun and i < steps - 1:
+            v_next = velocity(model, x_next, t_next, y, guidance, guided, dtype)
+            x_next = x + (t_next - t_cur) * 0.5 * (v + v_next)
+        x = x_next
+    return x
+
+
+def sde_drift(x: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
+    """Reverse-SDE drift ``v - w(t)/2 * score`` with ``w(t) = 2t``, i.e. ``v - t * score``."""
+    score = velocity_to_score(x, v, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+    return v - 0.5 * (2.0 * t) * score
+
+
+def euler_maruyama_sde(
+    model: VelocityModel,
+    x1: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    guidance: Guidance,
+    noise: NoiseSource,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Euler-Maruyama on ``linspace(1, 0.04, steps)``, ``dx = drift dt + sqrt(2t) dW``, then a noiseless step to 0."""
+    dtype = dtype or model_dtype(model)
+    grid = torch.linspace(1.0, SDE_END_TIME, steps, dtype=torch.float64).tolist() + [0.0]
+    x = x1.to(torch.float64)
+    for t_cur, t_next in zip(grid[:-2], grid[1:-1]):
+        dt = t_next - t_cur  # negative: time runs backwards
+        v = velocity(model, x, t_cur, y, guidance, guidance.active(t_cur), dtype)
+        x = x + sde_drift(x, v, t_cur) * dt + (2.0 * t_cur) ** 0.5 * abs(dt) ** 0.5 * noise()
+    t_cur, t_next = grid[-2], grid[-1]
+    v = velocity(model, x, t_cur, y, guidance, guidance.active(t_cur), dtype)
+    return x + sde_drift(x, v, t_cur) * (t_next - t_cur)
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds and labels
+# --------------------------------------------------------------------------------------------------
+
+
+def index_seed(seed: int, index: int, stream: int = _NOISE_STREAM) -> int:
+    """A 64-bit generator seed for (seed, sample index, stream), mixed by numpy's SeedSequence."""
+    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0])
+
+
+class PerSampleNoise:
+    """Standard normal draws where row k comes from the generator of sample ``indices[k]``, seeded by (seed, index).
+
+    The first call gives the initial noise x_1; later calls give the SDE increments, so sample i's
+    whole trajectory depends only on (seed, i). Draws are made on the CPU and then moved to ``device``.
+    """
+
+    def __init__(
+        self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"
+    ) -> None:
+        self.generators = [torch.Generator().manual_seed(index_seed(seed, int(i))) for i in indices]
+        self.shape = tuple(shape)
+        self.device = torch.device(device)
+
+    def __call__(self) -> torch.Tensor:
+        draws = [torch.randn(self.shape, generator=g, dtype=torch.float64) for g in self.generators]
+        return torch.stack(draws).to(self.device)
+
+
+def balanced_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Each class ``num_samples // num_classes`` times (the first ``num_samples % num_classes`` once more), shuffled."""
+    generator = torch.Generator().manual_seed(index_seed(seed, 0, _PERMUTATION_STREAM))
+    order = torch.randperm(num_samples, generator=generator)
+    return (torch.arange(num_samples) % num_classes)[order]
+
+
+def random_labels(indices: Sequence[int], num_classes: int, seed: int) -> torch.Tensor:
+    """Label of sample i uniform in [0, num_classes), drawn from a generator seeded by (seed, i)."""
+    labels = [
+        torch.randint(num_classes, (), generator=torch.Generator().manual_seed(index_seed(seed, int(i), _LABEL_STREAM)))
+        for i in indices
+    ]
+    return torch.stack(labels) if labels else torch.zeros(0, dtype=torch.int64)
+
+
+def sample_labels(num_samples: int, num_classes: int, seed: int, mode: Literal["balanced", "random"]) -> torch.Tensor:
+    """The labels of samples 0..num_samples-1 (int64)."""
+    if mode == "balanced":
+        if num_samples % num_classes:
+            log.warning(
+                "%d samples are not a multiple of %d classes: class counts differ by one", num_samples, num_classes
+            )
+        return balanced_labels(num_samples, num_classes, seed)
+    if mode == "random":
+        return random_labels(range(num_samples), num_classes, seed)
+    raise UserError(f"labels: {mode!r} is not one of ['balanced', 'random']")
+
+
+# --------------------------------------------------------------------------------------------------
+# A batch of samples
+# --------------------------------------------------------------------------------------------------
+
+
+def generate_latents(
+    model: VelocityModel,
+    indices: Sequence[int],
+    labels: torch.Tensor,
+    latent_shape: Sequence[int],
+    config: SamplingConfig,
+    null_label: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Clean latents (float64 [B, C, H, W], normalised latent space) for samples ``indices`` of class ``labels`` [B]."""
+    low, high = config.guidance_interval
+    guidance = Guidance(config.cfg_scale, low, high, null_label)
+    noise = PerSampleNoise(config.seed, indices, latent_shape, device)
+    x1, y = noise(), labels.to(device=device, dtype=torch.int64)
+    with torch.inference_mode():
+        if config.sampler == "sde":
+            return euler_maruyama_sde(model, x1, y, config.steps, guidance, noise, dtype)
+        if config.sampler in ("euler", "heun"):
+            return euler_ode(model, x1, y, config.steps, guidance, heun=config.sampler == "heun", dtype=dtype)
+    raise UserError(f"sampler: {config.sampler!r} is not one of ['sde', 'euler', 'heun']")
+
+
+def evaluations_per_sample(config: SamplingConfig) -> int:
+    """Model forward passes per sample (a guided evaluation counts twice)."""
+    low, high = config.guidance_interval
+    guidance = Guidance(config.cfg_scale, low, high)
+    if config.sampler == "sde":
+        times = torch.linspace(1.0, SDE_END_TIME, config.steps, dtype=torch.float64).tolist()
+        return sum(2 if guidance.active(t) else 1 for t in times)
+    grid = torch.linspace(1.0, 0.0, config.steps + 1, dtype=torch.float64).tolist()[:-1]
+    per_step = [2 if config.sampler == "heun" and i < config.steps - 1 else 1 for i in range(config.steps)]
+    return sum(n * (2 if guidance.active(t) else 1) for n, t in zip(per_step, grid))
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole job: ranks, resumable chunks, the ADM npz
+# --------------------------------------------------------------------------------------------------
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+"""``decode(latents float64 [B, C, h, w]) -> uint8 images [B, 3, H, W]`` (denormalisation included)."""
+
+_CHUNK_NAME = re.compile(r"(\d{8})-(\d{8})\.npz")
+SETTINGS_FILE = "settings.json"
+
+
+@dataclass
+class SampleJob:
+    """Everything that fixes the content of a samples file (compared on resume)."""
+
+    num_samples: int
+    num_classes: int
+    latent_shape: tuple[int, ...]
+    sampling: SamplingConfig
+    chunk_size: int = 1000
+    source: dict[str, Any] | None = None  # where the model and decoder came from (paths, fingerprints)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["latent_shape"] = list(self.latent_shape)
+        data["sampling"]["guidance_interval"] = list(self.sampling.guidance_interval)
+        return data
+
+
+def parts_dir(out: str | Path) -> Path:
+    """The folder of per-chunk files next to ``out`` (``samples.npz`` -> ``samples.npz.parts``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def chunk_ranges(num_samples: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` index ranges of the chunks (the last one may be shorter)."""
+    return [(s, min(s + chunk_size, num_samples)) for s in range(0, num_samples, chunk_size)]
+
+
+def _chunk_path(folder: Path, start: int, end: int) -> Path:
+    return folder / f"{start:08d}-{end:08d}.npz"
+
+
+def finished_chunks(folder: Path) -> set[tuple[int, int]]:
+    """The ranges whose chunk file is complete (written under a temporary name, then renamed)."""
+    if not folder.is_dir():
+        return set()
+    done = set()
+    for path in folder.iterdir():
+        match = _CHUNK_NAME.fullmatch(path.name)
+        if match:
+            done.add((int(match.group(1)), int(match.group(2))))
+    return done
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_settings(folder: Path, job: SampleJob, is_main: bool) -> None:
+    """Rank 0 records the job's settings; every rank refuses to resume a folder written with other settings."""
+    from sendvae.train import distributed
+
+    settings = folder / SETTINGS_FILE
+    wanted = job.to_json()
+    if is_main and not settings.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".tmp-{SETTINGS_FILE}"
+        tmp.write_text(json.dumps(wanted, indent=2))
+        os.replace(tmp, settings)
+    distributed.barrier()
+    found = json.loads(settings.read_text())
+    if found != wanted:
+        diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+        raise UserError(
+            f"{folder} holds an unfinished sampling job with other settings ({', '.join(diff)} differ: "
+            f"{ {k: found.get(k) for k in diff} } there vs { {k: wanted.get(k) for k in diff} } now); "
+            f"rerun with the same settings to resume it, or delete the folder to start over"
+        )
+
+
+def _write_pngs(png_dir: Path, indices: Sequence[int], images_hwc: np.ndarray) -> None:
+    from PIL import Image
+
+    for index, image in zip(indices, images_hwc):
+        path = png_dir / f"{index:06d}.png"
+        tmp = png_dir / f".tmp-{index:06d}.png"
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+
+
+def sample_to_npz(
+    model: VelocityModel,
+    decode: Decoder,
+    job: SampleJob,
+    out: str | Path,
+    *,
+    null_label: int,
+    batch_size: int = 64,
+    png_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world: int = 1,
+    keep_parts: bool = False,
+) -> Path | None:
+    """Draw ``job.num_samples`` samples over ``world`` ranks and write the ADM npz ``out`` (rank 0); resumable.
+
+    The samples are cut into fixed chunks of ``job.chunk_size`` indices; rank r takes every
+    ``world``-th unfinished chunk, samples it in batches of ``batch_size``, decodes it and writes
+    ``OUT.parts/<start>-<end>.npz`` atomically (and the PNGs ``<index:06d>.png`` first, if asked).
+    A rerun skips the chunks already written. When all are done, rank 0 streams them into ``out``
+    (``arr_0`` uint8 [N, H, W, 3], ``arr_1`` int64 labels), writes ``OUT.json`` with the settings and
+    removes the parts folder (unless ``keep_parts``). Returns ``out`` on rank 0, None elsewhere.
+    """
+    from sendvae.eval.generation import NpzWriter
+    from sendvae.train import distributed
+
+    out = Path(out)
+    folder = parts_dir(out)
+    _check_settings(folder, job, rank == 0)
+    done = finished_chunks(folder)
+    distributed.barrier()  # every rank has listed the finished chunks before anyone writes a new one
+    todo = [r for r in chunk_ranges(job.num_samples, job.chunk_size) if r not in done]
+    mine = todo[rank::world]
+    if png_dir is not None:
+        png_dir = Path(png_dir)
+        png_dir.mkdir(parents=True, exist_ok=True)
+    if done:
+        log.info("resuming %s: %d of %d chunks already written", folder, len(done), len(done) + len(todo))
+
+    labels = sample_labels(job.num_samples, job.num_classes, job.sampling.seed, job.sampling.labels)  # type: ignore[arg-type]
+    progress = tqdm(
+        total=sum(e - s for s, e in mine),
+        unit="img",
+        desc=f"sampling (rank {rank}/{world})",
+        disable=rank != 0,
+        dynamic_ncols=True,
+    )
+    for start, end in mine:
+        images, chunk_labels = [], []
+        for b in range(start, end, batch_size):
+            indices = list(range(b, min(b + batch_size, end)))
+            y = labels[indices]
+            latents = generate_latents(model, indices, y, job.latent_shape, job.sampling, null_label, device, dtype)
+            with torch.inference_mode():
+                pixels = decode(latents)
+            if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
+                raise TypeError(f"decode must return uint8 [B, 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
+            images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
+            chunk_labels.append(y.numpy())
+            progress.update(len(indices))
+        chunk = np.concatenate(images)
+        if png_dir is not None:
+            _write_pngs(png_dir, range(start, end), chunk)
+        _save_npz_atomic(
+            _chunk_path(folder, start, end),
+            images=chunk,
+            labels=np.concatenate(chunk_labels),
+            indices=np.arange(start, end),
+        )
+    progress.close()
+    distributed.barrier()
+    if rank != 0:
+        return None
+    _assemble(folder, out, job, NpzWriter)
+    if not keep_parts:
+        shutil.rmtree(folder)
+    return out
+
+
+def _assemble(folder: Path, out: Path, job: SampleJob, npz_writer: Any) -> None:
+    """Stream every chunk, in index order, into ``out`` and write the settings beside it as ``OUT.json``."""
+    ranges = chunk_ranges(job.num_samples, job.chunk_size)
+    missing = [r for r in ranges if not _chunk_path(folder, *r).exists()]
+    if missing:
+        raise UserError(
+            f"{folder} lacks chunks {missing[:3]}... of a finished job; rerun the same command to write them"
+        )
+    with np.load(_chunk_path(folder, *ranges[0])) as first:
+        height, width = first["images"].shape[1:3]
+    started = time.time()
+    with npz_writer(out) as writer:
+        with writer.stream("arr_0", (job.num_samples, height, width, 3), np.uint8) as stream:
+            labels = []
+            for r in ranges:
+                with np.load(_chunk_path(folder, *r)) as chunk:
+                    if not np.array_equal(chunk["indices"], np.arange(*r)):
+                        raise UserError(f"{_chunk_path(folder, *r)} holds the wrong indices; delete it and rerun")
+                    stream.write(chunk["images"])
+                    labels.append(chunk["labels"])
+        writer.array("arr_1", np.concatenate(labels).astype(np.int64))
+    meta = out.with_name(out.name.removesuffix(".npz") + ".json")
+    meta.write_text(json.dumps(job.to_json(), indent=2))
+    log.info("wrote %s (%d images of %dx%d) in %.1f s", out, job.num_samples, height, width, time.time() - started)
+
+
+# --------------------------------------------------------------------------------------------------
+# From a trained run (what `sendvae sample` calls)
+# --------------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def latent_decoder(vae: Any, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> Decoder:
+    """Normalised latents -> ``z * std + mean`` (the VAE's own statistics by default) -> ``vae.decode`` -> uint8."""
+    from sendvae.pixels import to_uint8
+
+    vae_dtype = next(vae.parameters()).dtype
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(torch.float32)
+        if mean is None or std is None:
+            z = vae.denormalize(z)
+        else:
+            z = z * std.to(z.device).view(1, -1, 1, 1) + mean.to(z.device).view(1, -1, 1, 1)
+        return to_uint8(vae.decode(z.to(vae_dtype))).cpu()
+
+    return decode
+
+
+@dataclass
+class LoadedGenerator:
+    """A SiT ready to sample, the matching decoder, and what the samples file records about them."""
+
+    model: torch.nn.Module
+    decode: Decoder
+    latent_shape: tuple[int, int, int]
+    num_classes: int
+    source: dict[str, Any]
+
+
+def load_generator(
+    sit: str | Path, vae: str | Path | None = None, device: torch.device | str = "cpu", dtype: str = "float32"
+) -> LoadedGenerator:
+    """Load a ``train-sit`` run (``RUN`` or ``RUN/sit``: EMA weights, its VAE) or a SiT checkpoint file (needs ``vae``).
+
+    A run's VAE must match the fingerprint recorded at training time, unless ``vae`` names another
+    one explicitly (then a warning). REPA-E checkpoints carrying their latent statistics decode with
+    those; everything else with the VAE's own statistics.
+    """
+    from sendvae.models.sit import load_sit
+    from sendvae.models.vae import load_vae, vae_fingerprint
+    from sendvae.train.sit import load_sit_run
+
+    if dtype not in _DTYPES:
+        raise UserError(f"dtype: {dtype!r} is not one of {list(_DTYPES)}")
+    sit_path = Path(sit)
+    if sit_path.is_file():
+        if vae is None:
+            raise UserError(f"{sit_path} is a bare SiT checkpoint: pass the VAE its latents belong to with --vae")
+        model = load_sit(sit_path)
+        args = model.args
+        latent_shape = (args.in_channels, args.input_size, args.input_size)
+        num_classes, recorded, vae_path = args.num_classes, None, Path(vae)
+    else:
+        run = load_sit_run(sit_path)
+        model, latent_shape, num_classes = run.model, run.latent_shape, run.num_classes
+        recorded, vae_path = run.vae_fingerprint, Path(vae) if vae is not None else Path(run.vae_path)
+    autoencoder = load_vae(vae_path)
+    fingerprint = vae_fingerprint(autoencoder)
+    if recorded is not None and fingerprint != recorded:
+        message = (
+            f"VAE {vae_path} is not the one {sit_path} was trained on "
+            f"(fingerprint {fingerprint[:12]} != {recorded[:12]})"
+        )
+        if vae is None:
+            raise UserError(message + "; pass the right one with --vae")
+        log.warning("%s; sampling anyway, as --vae asks", message)
+    if autoencoder.latent_channels != latent_shape[0]:
+        raise UserError(f"VAE {vae_path} has {autoencoder.latent_channels} latent channels, the SiT {latent_shape[0]}")
+    statistics = model.latent_statistics() if hasattr(model, "latent_statistics") else None
+    model = model.to(device=device, dtype=_DTYPES[dtype]).eval()
+    autoencoder = autoencoder.to(device).eval()
+    decode = latent_decoder(autoencoder, *(statistics if statistics is not None else (None, None)))
+    source = {
+        "sit": str(sit_path),
+        "vae": str(vae_path),
+        "vae_fingerprint": fingerprint,
+        "dtype": dtype,
+        "latent_statistics": "sit" if statistics is not None else "vae",
+    }
+    return LoadedGenerator(model, decode, tuple(int(s) for s in latent_shape), int(num_classes), source)  # type: ignore[arg-type]
+
+
+def sample_from_run(
+    sit: str | Path,
+    out: str | Path,
+    config: SamplingConfig,
+    num_samples: int,
+    *,
+    vae: str | Path | None = None,
+    batch_size: int = 64,
+    png_dir: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    chunk_size: int = 1000,
+    overwrite: bool = False,
+    keep_parts: bool = False,
+) -> Path | None:
+    """``sendvae sample``: join the ``torchrun`` process group (if any), load the generator, :func:`sample_to_npz`."""
+    from sendvae.train import distributed
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
+    if num_samples < 1 or batch_size < 1 or chunk_size < 1:
+        raise UserError(
+            "--num-samples, --batch-size and --chunk-size must be positive, "
+            f"got {num_samples}, {batch_size}, {chunk_size}"
+        )
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise UserError(f"--out {out}: the samples file must end in .npz (ADM format)")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; delete it or pass --overwrite")
+    info = distributed.init_distributed(device)
+    try:
+        generator = load_generator(sit, vae, info.device, dtype)
+        job = SampleJob(
+            num_samples, generator.num_classes, generator.latent_shape, config, chunk_size, generator.source
+        )
+        log.info(
+            "sampling %d images (%s, %d steps, cfg %.3g on t in %s, %s labels, seed %d) on %d process(es)",
+            num_samples,
+            config.sampler,
+            config.steps,
+            config.cfg_scale,
+            list(config.guidance_interval),
+            config.labels,
+            config.seed,
+            info.world,
+        )
+        return sample_to_npz(
+            generator.model,
+            generator.decode,
+            job,
+            out,
+            null_label=generator.num_classes,
+            batch_size=batch_size,
+            png_dir=png_dir,
+            device=info.device,
+            rank=info.rank,
+            world=info.world,
+            keep_parts=keep_parts,
+        )
+    finally:
+        distributed.shutdown(info)
