@@ -13,7 +13,7 @@ from sendvae.errors import UserError
 
 DATA_HELP = """\
 Data for every stage: the procedural shapes dataset, uint8 stores prepared from image folders,
-attribute datasets for the probes.
+attribute datasets for the probes. Examples:
 
   sendvae data preview shapes --out grid.png      a labelled PNG grid of the shapes dataset
   sendvae data prepare SRC OUT --resolution 256   image folder or shapes:N -> uint8 store
