@@ -1,0 +1,1 @@
+"""Fault-injection tests: kills, damaged checkpoints, full disks, bad inputs, pickles, locks (docs/reliability.md)."""
