@@ -270,7 +270,8 @@ def test_pickled_checkpoint_is_refused_with_conversion_hint(tmp_path):
     with pytest.raises(UserError) as info:
         load_vae(path)
     message = str(info.value)
-    assert "weights_only=True" in message and "save_file" in message and "lightning.safetensors" in message
+    assert "weights_only=True" in message and "sendvae never unpickles code" in message
+    assert f"sendvae convert-pickle {path} {tmp_path / 'lightning.safetensors'} --trust-pickle" in message
 
 
 def test_several_autoencoders_need_a_prefix(tmp_path):

@@ -410,59 +410,74 @@ def sample_to_npz(
     removes the parts folder (unless ``keep_parts``). Returns ``out`` on rank 0, None elsewhere.
     """
     from sendvae.eval.generation import NpzWriter
+    from sendvae.locking import PidLock
     from sendvae.train import distributed
 
     out = Path(out)
     folder = parts_dir(out)
-    _check_settings(folder, job, rank == 0)
-    done = finished_chunks(folder)
-    distributed.barrier()  # every rank has listed the finished chunks before anyone writes a new one
-    todo = [r for r in chunk_ranges(job.num_samples, job.chunk_size) if r not in done]
-    mine = todo[rank::world]
-    if png_dir is not None:
-        png_dir = Path(png_dir)
-        png_dir.mkdir(parents=True, exist_ok=True)
-    if done:
-        log.info("resuming %s: %d of %d chunks already written", folder, len(done), len(done) + len(todo))
-
-    labels = sample_labels(job.num_samples, job.num_classes, job.sampling.seed, job.sampling.labels)  # type: ignore[arg-type]
-    progress = tqdm(
-        total=sum(e - s for s, e in mine),
-        unit="img",
-        desc=f"sampling (rank {rank}/{world})",
-        disable=rank != 0,
-        dynamic_ncols=True,
-    )
-    for start, end in mine:
-        images, chunk_labels = [], []
-        for b in range(start, end, batch_size):
-            indices = list(range(b, min(b + batch_size, end)))
-            y = labels[indices]
-            latents = generate_latents(model, indices, y, job.latent_shape, job.sampling, null_label, device, dtype)
-            with torch.inference_mode():
-                pixels = decode(latents)
-            if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
-                raise TypeError(f"decode must return uint8 [B, 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
-            images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
-            chunk_labels.append(y.numpy())
-            progress.update(len(indices))
-        chunk = np.concatenate(images)
+    lock = PidLock(folder / ".lock", f"samples file {out}")
+    error = None
+    if rank == 0:  # rank 0 holds the lock; every rank stops when it cannot
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+        except UserError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise UserError(str(error))
+    try:
+        _check_settings(folder, job, rank == 0)
+        done = finished_chunks(folder)
+        distributed.barrier()  # every rank has listed the finished chunks before anyone writes a new one
+        todo = [r for r in chunk_ranges(job.num_samples, job.chunk_size) if r not in done]
+        mine = todo[rank::world]
         if png_dir is not None:
-            _write_pngs(png_dir, range(start, end), chunk)
-        _save_npz_atomic(
-            _chunk_path(folder, start, end),
-            images=chunk,
-            labels=np.concatenate(chunk_labels),
-            indices=np.arange(start, end),
+            png_dir = Path(png_dir)
+            png_dir.mkdir(parents=True, exist_ok=True)
+        if done:
+            log.info("resuming %s: %d of %d chunks already written", folder, len(done), len(done) + len(todo))
+
+        labels = sample_labels(job.num_samples, job.num_classes, job.sampling.seed, job.sampling.labels)  # type: ignore[arg-type]
+        progress = tqdm(
+            total=sum(e - s for s, e in mine),
+            unit="img",
+            desc=f"sampling (rank {rank}/{world})",
+            disable=rank != 0,
+            dynamic_ncols=True,
         )
-    progress.close()
-    distributed.barrier()
-    if rank != 0:
-        return None
-    _assemble(folder, out, job, NpzWriter)
-    if not keep_parts:
-        shutil.rmtree(folder)
-    return out
+        for start, end in mine:
+            images, chunk_labels = [], []
+            for b in range(start, end, batch_size):
+                indices = list(range(b, min(b + batch_size, end)))
+                y = labels[indices]
+                latents = generate_latents(model, indices, y, job.latent_shape, job.sampling, null_label, device, dtype)
+                with torch.inference_mode():
+                    pixels = decode(latents)
+                if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
+                    raise TypeError(f"decode must return uint8 [B, 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
+                images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
+                chunk_labels.append(y.numpy())
+                progress.update(len(indices))
+            chunk = np.concatenate(images)
+            if png_dir is not None:
+                _write_pngs(png_dir, range(start, end), chunk)
+            _save_npz_atomic(
+                _chunk_path(folder, start, end),
+                images=chunk,
+                labels=np.concatenate(chunk_labels),
+                indices=np.arange(start, end),
+            )
+        progress.close()
+        distributed.barrier()
+        if rank != 0:
+            return None
+        _assemble(folder, out, job, NpzWriter)
+        if not keep_parts:
+            shutil.rmtree(folder)
+        return out
+    finally:
+        lock.release()
 
 
 def _assemble(folder: Path, out: Path, job: SampleJob, npz_writer: Any) -> None:
@@ -489,6 +504,14 @@ def _assemble(folder: Path, out: Path, job: SampleJob, npz_writer: Any) -> None:
     meta = out.with_name(out.name.removesuffix(".npz") + ".json")
     meta.write_text(json.dumps(job.to_json(), indent=2))
     log.info("wrote %s (%d images of %dx%d) in %.1f s", out, job.num_samples, height, width, time.time() - started)
+
+
+def _same_job_unfinished(out: Path, job: SampleJob) -> bool:
+    """Whether ``OUT.parts`` still holds this very job (a run killed after writing ``out``, before cleaning up)."""
+    try:
+        return json.loads((parts_dir(out) / SETTINGS_FILE).read_text()) == job.to_json()
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -607,14 +630,14 @@ def sample_from_run(
     out = Path(out)
     if out.suffix != ".npz":
         raise UserError(f"--out {out}: the samples file must end in .npz (ADM format)")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; delete it or pass --overwrite")
     info = distributed.init_distributed(device)
     try:
         generator = load_generator(sit, vae, info.device, dtype)
         job = SampleJob(
             num_samples, generator.num_classes, generator.latent_shape, config, chunk_size, generator.source
         )
+        if out.exists() and not overwrite and not _same_job_unfinished(out, job):
+            raise UserError(f"{out} exists; delete it or pass --overwrite")
         log.info(
             "sampling %d images (%s, %d steps, cfg %.3g on t in %s, %s labels, seed %d) on %d process(es)",
             num_samples,

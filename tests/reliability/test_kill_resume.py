@@ -184,9 +184,6 @@ def test_train_vae_killed_while_checkpointing_resumes_exactly(vae_reference: Ref
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="loop.py _run: a run killed after its final checkpoint but before the stage's "
-                   "export finished is 'finished' on rerun and never publishes again, so RUN/vae (RUN/sit) keeps "
-                   "the previous checkpoint's weights (or is half written)")
 @pytest.mark.parametrize("stage", ["vae", "sit"])
 def test_killed_while_publishing_the_final_model_republishes_on_rerun(stage: str, vae_reference: Reference,
                                                                      sit_reference: Reference,
@@ -221,15 +218,15 @@ generation.NpzWriter.__exit__ = _dying
 def test_sample_killed_between_npz_and_settings_file_keeps_a_whole_npz(sample_reference: Reference,
                                                                       sit_reference: Reference, tmp_path: Path,
                                                                       capsys) -> None:
-    """The npz is renamed into place whole; the rerun says so in one line; --overwrite finishes the job."""
+    """The npz is renamed into place whole; the rerun of the same command recognises its job and finishes it."""
     out = tmp_path / "samples.npz"
     args = sample_args(out, sit_reference.path)
     outcome = run_and_kill(sendvae_argv(args, _DIE_AFTER_NPZ), lambda: False, 0.0, tmp_path / "logs")
     assert outcome.returncode == -9, outcome.describe()
     assert out.exists() and not out.with_suffix(".json").exists() and Path(f"{out}.parts").is_dir()
     assert not list(tmp_path.glob(".tmp-*")), "a temporary npz was left next to the samples"
-    code, _ = run_cli(args)
+    run_cli_ok(args)
+    assert_same_samples(sample_reference.path, out)
+    code, _ = run_cli(args)  # a finished job is not redone
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1] == f"sendvae sample: error: {out} exists; delete it or pass --overwrite"
-    run_cli_ok([*args, "--overwrite"])
-    assert_same_samples(sample_reference.path, out)

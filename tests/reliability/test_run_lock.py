@@ -76,8 +76,6 @@ def test_second_data_prepare_on_a_store_is_refused(store_reference: Reference, i
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="data/latents.py cache_latents takes no lock on OUT: a second cache-latents "
-                   "into the same folder runs too (and deletes the first one's .shard-*.tmp files at start)")
 def test_second_cache_latents_on_a_cache_folder_is_refused(cache_reference: Reference, stage2_vae: Path,
                                                           tmp_path: Path, capsys) -> None:
     out, go = tmp_path / "cache", tmp_path / "go"
@@ -93,8 +91,6 @@ def test_second_cache_latents_on_a_cache_folder_is_refused(cache_reference: Refe
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="sampling.py sample_to_npz takes no lock on OUT.npz.parts: a second sample "
-                   "job with the same --out runs too, and the first to finish deletes the parts folder under the other")
 def test_second_sample_job_on_the_same_output_is_refused(sample_reference: Reference, sit_reference: Reference,
                                                         tmp_path: Path, capsys) -> None:
     out, go = tmp_path / "samples.npz", tmp_path / "go"

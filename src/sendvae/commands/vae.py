@@ -23,8 +23,8 @@ Accepted VAE inputs (auto-detected):
   - an LDM-format checkpoint (.ckpt .pt .pth .bin .safetensors) with encoder.* decoder.* quant_conv.*
     post_quant_conv.*, possibly under state_dict / model / vae and a prefix such as first_stage_model.
     (VA-VAE, REPA-E sdvae / invae / vavae / e2e-* releases); the architecture is read from the shapes.
-Pickled checkpoints that torch.load(weights_only=True) refuses are not unpickled: the error explains
-how to convert them to safetensors once."""
+Pickled checkpoints that torch.load(weights_only=True) refuses are not unpickled; convert a trusted one
+once with `sendvae convert-pickle SRC OUT.safetensors --trust-pickle` and pass the .safetensors file."""
 
 DESCRIPTION = f"""\
 Work with the VAE (LDM AutoencoderKL) and its per-channel latent statistics.

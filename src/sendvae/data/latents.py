@@ -174,14 +174,16 @@ def cache_latents(
     the path of ``manifest.json``.
     """
     from sendvae.data.store import open_image_dataset
+    from sendvae.locking import PidLock
     from sendvae.models.vae import load_vae, vae_fingerprint
     from sendvae.train import distributed
 
     if shard_size < 1 or batch_size < 1:
         raise UserError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
+    out = Path(out)
+    lock = PidLock(out / ".lock", f"latent cache {out}")  # taken by rank 0
     info = distributed.init_distributed(device)
     try:
-        out = Path(out)
         vae = load_vae(vae_path).to(info.device).eval().requires_grad_(False)
         fingerprint = vae_fingerprint(vae, include_stats=False)
         dataset = open_image_dataset(data_spec, resolution) if resolution else open_image_dataset(data_spec)
@@ -201,8 +203,10 @@ def cache_latents(
         plan = _plan(str(vae_path), fingerprint, data_spec, dataset, shard_size, latent_shape, dtype, teacher_info)
         ranges = shard_ranges(len(dataset), shard_size)
         todo_all: list[int] | str = []
-        if info.is_main:  # rank 0 checks the folder and shares the pending shards (or the error) with all
+        if info.is_main:  # rank 0 locks and checks the folder, shares the pending shards (or the error) with all
             try:
+                out.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
                 todo_all = _prepare_folder(out, plan, ranges, fingerprint)
             except UserError as exc:
                 todo_all = str(exc)
@@ -229,6 +233,7 @@ def cache_latents(
             raise UserError(error)
         return out / MANIFEST
     finally:
+        lock.release()
         distributed.shutdown(info)
 
 

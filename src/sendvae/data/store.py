@@ -25,7 +25,6 @@ of workers or interruptions.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +35,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +45,7 @@ from tqdm import tqdm
 from sendvae.data import shapes as shapes_lib
 from sendvae.data.images import BadImageError, list_image_folder, load_and_crop
 from sendvae.errors import UserError
+from sendvae.locking import flock
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,10 @@ def _resolve_source(src: str | os.PathLike) -> _Source:
     listing = list_image_folder(root)
     digest = hashlib.sha256()
     for rel, label in zip(listing.paths, listing.labels):
-        size = (root / rel).stat().st_size
+        try:
+            size = (root / rel).stat().st_size
+        except OSError:  # a dangling symlink or an unreadable file: skipped as "cannot read" when loaded
+            size = -1
         digest.update(f"{rel}\t{label}\t{size}\n".encode())
     return _Source(
         "folder", str(root.resolve()), len(listing.paths), root=str(root.resolve()), paths=listing.paths,
@@ -249,27 +252,6 @@ def _read_record(out: Path, k: int, resolution: int) -> dict[str, Any] | None:
 # prepare
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold ``OUT/.lock`` so that two preparations never write the same store at once."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(out / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(
-                f"another 'sendvae data prepare' is writing {out}; wait for it or use another folder"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     path = out / PLAN
     if not path.is_file():
@@ -322,7 +304,8 @@ def prepare_store(
         "listing_hash": source.listing_hash,
     }
     (out / SHARDS).mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
+    with flock(out / ".lock", busy=f"another 'sendvae data prepare' is writing {out}; wait for it or use "
+                                   "another folder"):
         _check_plan(out, plan)
         if (out / MANIFEST).is_file():
             log.info("%s is already a complete store; nothing to do", out)

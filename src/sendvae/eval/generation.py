@@ -133,6 +133,8 @@ class NpzArray:
                     self.shape, self.fortran, self.dtype = _read_npy_header(f)
         except zipfile.BadZipFile:
             raise UserError(f"{self.path} is not an npz file") from None
+        if self.dtype.hasobject:
+            raise UserError(f"{self.path}: array {key!r} holds Python objects (a pickle), which sendvae never loads")
 
     def __len__(self) -> int:
         return int(self.shape[0])
@@ -140,7 +142,7 @@ class NpzArray:
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
         """Consecutive row blocks of at most ``batch_size`` rows (the first ``limit`` rows only, if given)."""
         total = len(self) if limit is None else min(limit, len(self))
-        if self.fortran or self.dtype.hasobject:
+        if self.fortran:
             data = np.load(self.path, allow_pickle=False)[self.key]
             for start in range(0, total, batch_size):
                 yield np.ascontiguousarray(data[start : min(start + batch_size, total)])
@@ -465,7 +467,11 @@ def read_reference_stats(path: str | Path) -> dict[str, FeatureStats]:
             if key.startswith("mu") and ("sigma" + key[2:]) in keys:
                 suffix = key[2:]
                 feature = {"": "inception.pool", "_s": "inception.spatial"}.get(suffix, suffix[1:] + ".pool")
-                stats[feature] = FeatureStats(data[key].astype(np.float64), data["sigma" + suffix].astype(np.float64))
+                try:
+                    stats[feature] = FeatureStats(data[key].astype(np.float64),
+                                                  data["sigma" + suffix].astype(np.float64))
+                except ValueError as exc:  # object arrays (a pickle) are refused by allow_pickle=False
+                    raise UserError(f"reference statistics {path}: {key} is unreadable ({exc})") from None
     return stats
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from sendvae.errors import UserError
+from sendvae.pickles import pickle_refusal
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,9 @@ def read_inception_state(path: Path) -> dict[str, torch.Tensor]:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors come in many types
+        except pickle.UnpicklingError as exc:
+            raise UserError(f"Inception weights: {pickle_refusal(path, exc)}") from None
+        except Exception as exc:  # other unreadable files come in many types
             raise UserError(f"cannot read Inception weights {path} with weights_only=True: {exc}") from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sendvae.errors import UserError
+from sendvae.pickles import pickle_refusal
 
 log = logging.getLogger(__name__)
 
@@ -529,7 +530,9 @@ def read_checkpoint(path: str | Path, prefer: Literal["ema", "model"] = "ema") -
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        except pickle.UnpicklingError as exc:
+            raise UserError(f"SiT checkpoint: {pickle_refusal(path, exc)}") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise UserError(f"cannot read SiT checkpoint {path} with weights_only=True: {exc}") from None
     if isinstance(state, Mapping):
         for key in (prefer, "ema", "model", "state_dict"):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from sendvae.errors import UserError
+from sendvae.pickles import pickle_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ def read_state_dict(
             state: Any = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{what}: {pickle_refusal(path, exc)}") from None
     except Exception as exc:  # noqa: BLE001 - every failure here is a bad file the user can replace
         raise UserError(
             f"{what}: cannot read {path} as safetensors or a weights-only torch file ({exc})"

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from sendvae.errors import UserError
+from sendvae.pickles import flatten_tensors, pickle_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -600,18 +601,6 @@ def _rename_deprecated_attention(state_dict: Mapping[str, torch.Tensor]) -> dict
 # --------------------------------------------------------------------------------------------
 
 
-def _convert_hint(path: Path) -> str:
-    return (
-        "convert it once, in an environment you trust, into a plain tensor file:\n"
-        "  python -c \"import torch; from safetensors.torch import save_file; "
-        f"ckpt = torch.load('{path}', map_location='cpu', weights_only=False); "
-        "sd = ckpt.get('state_dict', ckpt.get('model', ckpt)); "
-        "save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
-        f"'{path.with_suffix('.safetensors')}')\"\n"
-        "then pass the .safetensors file"
-    )
-
-
 def read_tensor_file(path: str | Path) -> dict[str, Any]:
     """A safetensors file, or a torch pickle read with ``weights_only=True`` (UserError otherwise)."""
     path = Path(path)
@@ -628,28 +617,12 @@ def read_tensor_file(path: str | Path) -> dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses to load "
-            f"({first_line}); sendvae never unpickles code. To use it, {_convert_hint(path)}"
-        ) from None
+        raise UserError(pickle_refusal(path, exc)) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise UserError(f"{path} is not a readable torch checkpoint: {exc}") from None
     if not isinstance(loaded, dict):
         raise UserError(f"{path} holds a {type(loaded).__name__}, expected a dict of tensors")
     return loaded
-
-
-def _flatten_tensors(tree: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Nested dicts of tensors -> one flat dict with dotted keys (non-tensor leaves dropped)."""
-    flat: dict[str, torch.Tensor] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, torch.Tensor):
-            flat[name] = value
-        elif isinstance(value, Mapping):
-            flat.update(_flatten_tensors(value, f"{name}."))
-    return flat
 
 
 def _autoencoder_prefix(flat: Mapping[str, torch.Tensor], path: Path, prefix: str | None) -> str:
@@ -688,7 +661,7 @@ def load_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.tensor(data["mean"], dtype=torch.float32), torch.tensor(data["std"], dtype=torch.float32)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path}: expected JSON with lists 'mean' and 'std' ({exc})") from None
-    data = _flatten_tensors(read_tensor_file(path))
+    data = flatten_tensors(read_tensor_file(path))
     if "latents_bias" in data and "latents_scale" in data:
         return data["latents_bias"].float().flatten(), 1.0 / data["latents_scale"].float().flatten()
     for mean_key, std_key in (("latent_mean", "latent_std"), ("mean", "std")):
@@ -790,7 +763,7 @@ def _load_diffusers_folder(folder: Path, config: Mapping[str, Any]) -> VAE:
 
 
 def _load_checkpoint_file(path: Path, prefix: str | None, norm_num_groups: int) -> VAE:
-    flat = _flatten_tensors(read_tensor_file(path))
+    flat = flatten_tensors(read_tensor_file(path))
     prefix = _autoencoder_prefix(flat, path, prefix)
     inside = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
     autoencoder = {k: v for k, v in inside.items() if k.startswith(_AUTOENCODER_PARTS)}
@@ -872,7 +845,7 @@ def load_vae(
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_folder(folder: Path, write: Any) -> Path:
+def atomic_folder(folder: Path, write: Any) -> Path:
     """Run ``write(tmp)`` in a temporary sibling folder, then rename it to ``folder`` (replacing it)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -912,7 +885,7 @@ def save_vae(vae: VAE, folder: str | Path) -> Path:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         _write_latent_stats(vae, tmp)
 
-    return _atomic_folder(Path(folder), write)
+    return atomic_folder(Path(folder), write)
 
 
 def export_diffusers(vae: VAE, folder: str | Path) -> Path:
@@ -932,7 +905,7 @@ def export_diffusers(vae: VAE, folder: str | Path) -> Path:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         _write_latent_stats(vae, tmp)
 
-    return _atomic_folder(Path(folder), write)
+    return atomic_folder(Path(folder), write)
 
 
 _STAT_BUFFERS = ("latent_mean", "latent_std")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sendvae.errors import UserError
+from sendvae.pickles import unpickling_reason
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,27 @@ def save_checkpoint(
     name = checkpoint_name(images_seen)
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
+    try:
+        _write_folder(tmp, images_seen, tensors, torch_states, state)
+        if final.exists():  # an older attempt at the same progress (e.g. a resumed run re-saving)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, file too large, I/O error
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 2**30
+        previous = _read_latest(root)
+        kept = f"previous checkpoint {root / previous} intact" if previous else "no previous checkpoint"
+        raise CheckpointError(f"cannot write checkpoint {final} ({exc}); {free:.1f} GiB free; {kept}") from exc
+    _fsync(root)
+    _write_latest(root, name)
+    if keep_last is not None:
+        prune(root, keep_last)
+    return final
+
+
+def _write_folder(tmp: Path, images_seen: int, tensors: dict[str, dict[str, torch.Tensor]],
+                  torch_states: dict[str, Any], state: dict[str, Any]) -> None:
+    """Write every file of a checkpoint and its ``state.json`` (with their checksums) into ``tmp``, flushed."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -100,20 +124,49 @@ def save_checkpoint(
         files[filename] = sha256_file(tmp / filename)
     for key, value in torch_states.items():
         filename = f"{key}.pt"
-        torch.save(value, tmp / filename)
+        _torch_save(value, tmp / filename)
         files[filename] = sha256_file(tmp / filename)
     body = {"format": FORMAT, "images_seen": images_seen, "files": files, **state}
     (tmp / STATE_FILE).write_text(json.dumps(body, indent=2, sort_keys=True))
     for path in tmp.iterdir():
         _fsync(path)
-    if final.exists():  # an older attempt at the same progress (e.g. a resumed run re-saving)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
-    _write_latest(root, name)
-    if keep_last is not None:
-        prune(root, keep_last)
-    return final
+
+
+class _WriteRecorder:
+    """A file for ``torch.save`` that keeps the OSError of a failed write (torch reports only "unexpected pos")."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.name, self.error = handle, handle.name, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _torch_save(value: Any, path: Path) -> None:
+    """``torch.save`` to ``path``; a failed write raises the OSError behind it (disk full, file too large)."""
+    with open(path, "wb") as handle:
+        recorder = _WriteRecorder(handle)
+        try:
+            torch.save(value, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise recorder.error from None
+
+
+def _read_latest(root: Path) -> str | None:
+    """The checkpoint name ``latest`` points at, or None."""
+    try:
+        return (root / LATEST_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -162,14 +215,21 @@ class Checkpoint:
         path = self.path / f"{group}.safetensors"
         if not path.is_file():
             raise CheckpointError(f"{self.path}: no tensor group {group!r} (has {sorted(self.state['files'])})")
-        return load_file(str(path), device=str(device))
+        try:
+            return load_file(str(path), device=str(device))
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
     def torch_state(self, key: str) -> Any:
         """The plain data stored as ``<key>.pt``, read with ``torch.load(weights_only=True)``."""
         path = self.path / f"{key}.pt"
         if not path.is_file():
             raise CheckpointError(f"{self.path}: no state {key!r} (has {sorted(self.state['files'])})")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise CheckpointError(f"{path}: refused: not a file of plain tensors and numbers "
+                                  f"({unpickling_reason(exc)}); sendvae never unpickles code") from None
 
 
 def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
@@ -204,9 +264,9 @@ def load_latest(root: str | Path) -> Checkpoint | None:
     """
     root = Path(root)
     candidates = list(reversed(list_checkpoints(root)))
-    pointer = root / LATEST_FILE
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
+    pointer = _read_latest(root)
+    if pointer is not None:
+        named = root / pointer
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)

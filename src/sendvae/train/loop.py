@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import signal
 import socket
@@ -78,6 +77,7 @@ from tqdm.auto import tqdm
 from sendvae import __version__
 from sendvae.config import ConfigError, param, save_config, to_dict
 from sendvae.errors import UserError
+from sendvae.locking import PidLock
 from sendvae.train import distributed as dist_utils
 from sendvae.train.checkpoint import (
     Checkpoint,
@@ -337,58 +337,11 @@ class _StopRequest:
         self._previous.clear()
 
 
-class RunLock:
+class RunLock(PidLock):
     """``RUN/.lock`` holding the owner's pid and host; refuses a run directory a live process uses."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / ".lock"
-        self.owned = False
-
-    def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = self._read()
-            if owner and self._alive(owner):
-                raise UserError(
-                    f"run directory {self.path.parent} is in use by process {owner.get('pid')} on "
-                    f"{owner.get('host')} (lock file {self.path}); wait for it to finish, or delete the "
-                    "lock file if that process is gone"
-                ) from None
-            log.warning("taking over stale lock %s (process %s is gone)", self.path, owner and owner.get("pid"))
-            tmp = self.path.with_name(f".lock.{os.getpid()}")
-            tmp.write_text(json.dumps(me))
-            os.replace(tmp, self.path)
-        else:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(json.dumps(me))
-        self.owned = True
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-
-    @staticmethod
-    def _alive(owner: dict[str, Any]) -> bool:
-        if owner.get("host") != socket.gethostname():
-            return True  # cannot check a process on another machine: assume it runs
-        try:
-            os.kill(int(owner["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, KeyError, ValueError, TypeError):
-            return True
-        return True
-
-    def release(self) -> None:
-        if self.owned:
-            owner = self._read()
-            if owner and owner.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self.owned = False
+        super().__init__(run_dir / ".lock", f"run directory {run_dir}")
 
 
 def _git_version() -> dict[str, Any] | None:
@@ -598,13 +551,20 @@ def _restore(checkpoint: Checkpoint, modules: dict[str, nn.Module], ema: EMA, ph
                 target.load_state_dict(checkpoint.tensors(group, device))
             except RuntimeError as exc:
                 raise CheckpointError(f"{checkpoint.path}: {group} does not fit this run's module {name!r} "
-                                      f"(was the model config changed?): {exc}") from None
+                                      f"(was the model config changed?): {_mismatches(exc)}") from None
     for phase in phases:
         try:
             phase.optimizer.load_state_dict(checkpoint.torch_state(f"optim.{phase.name}"))
         except ValueError as exc:
             raise CheckpointError(
                 f"{checkpoint.path}: optimiser state of phase {phase.name!r} does not fit: {exc}") from None
+
+
+def _mismatches(exc: RuntimeError, shown: int = 3) -> str:
+    """torch's load_state_dict report (one line per tensor) as one line: its first ``shown`` problems."""
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc).strip()]
+    more = f"; and {len(lines) - shown} more" if len(lines) > shown else ""
+    return "; ".join(lines[:shown]) + more
 
 
 def _run(stage: Stage, dataset: torch.utils.data.Dataset, cfg: LoopConfig, run_dir: Path, run_config: Any,
@@ -684,6 +644,11 @@ def _run(stage: Stage, dataset: torch.utils.data.Dataset, cfg: LoopConfig, run_d
     prepare = getattr(stage, "prepare_batch", None)
     status = "finished"
 
+    def publish() -> None:  # rank 0: the stage writes its published model (RUN/vae, RUN/sit)
+        export = getattr(stage, "export", None)
+        if export is not None:
+            export(run_dir, {n: ema.copies.get(n, m) for n, m in modules.items()})
+
     def save() -> None:
         nonlocal last_checkpoint
         if dinfo.is_main:
@@ -696,9 +661,7 @@ def _run(stage: Stage, dataset: torch.utils.data.Dataset, cfg: LoopConfig, run_d
                        "seconds": seconds_before + time.time() - start_time, "world_size": world,
                        "batch_size": cfg.batch_size, "seed": cfg.seed},
                 keep_last=cfg.keep_last)
-            export = getattr(stage, "export", None)
-            if export is not None:
-                export(run_dir, {n: ema.copies.get(n, m) for n, m in modules.items()})
+            publish()
             log.info("checkpoint %s", last_checkpoint)
         else:
             last_checkpoint = ckpt_root / checkpoint_name(images_seen)
@@ -791,6 +754,8 @@ def _run(stage: Stage, dataset: torch.utils.data.Dataset, cfg: LoopConfig, run_d
                 save()
         if last_checkpoint is None or last_checkpoint.name != checkpoint_name(images_seen):
             save()
+        elif images_seen == start_images and dinfo.is_main:
+            publish()  # resumed at the end: a kill may have stopped the last export, so publish again
     finally:
         bar.close()
         metrics.close()

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,6 +40,7 @@ from sendvae.config import ConfigError, param, to_dict
 from sendvae.data.latents import CacheInfo, LatentDataset, check_fingerprint, open_cache, select_flip
 from sendvae.errors import UserError
 from sendvae.models.sit import SiT, args_from_dict, args_to_dict, preset_args, repa_loss
+from sendvae.models.vae import atomic_folder
 from sendvae.train.loop import LoopConfig, Phase, StepContext, seed_for, train
 from sendvae.transport import interpolate, sample_time, velocity_target
 
@@ -241,18 +242,16 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_sit_folder(folder: Path, ema: nn.Module, model: nn.Module, info: dict[str, Any]) -> Path:
-    """Write ``folder/{config.json, ema.safetensors, model.safetensors}`` atomically (file by file)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write ``folder/{config.json, ema.safetensors, model.safetensors}`` atomically (as one folder)."""
     sit: SiT = getattr(model, "module", model)
     config = {"format": RUN_FORMAT, "model": args_to_dict(sit.args), **info}
-    for name, module in (("ema", ema), ("model", model)):
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        save_file(_state(module), str(tmp))
-        os.replace(tmp, folder / f"{name}.safetensors")
-    tmp = folder / f".config.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, folder / "config.json")
-    return folder
+
+    def write(tmp: Path) -> None:
+        for name, module in (("ema", ema), ("model", model)):
+            save_file(_state(module), str(tmp / f"{name}.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+    return atomic_folder(folder, write)
 
 
 @dataclass
@@ -298,7 +297,11 @@ def load_sit_run(run_or_folder: str | Path, weights: Literal["ema", "model"] = "
         raise UserError(f"{weights_path} is missing")
     with torch.device("meta"):
         model = SiT(args_from_dict(config["model"]))
-    model.load_state_dict(load_file(str(weights_path), device=str(device)), strict=True, assign=True)
+    try:
+        state = load_file(str(weights_path), device=str(device))
+    except SafetensorError as exc:
+        raise UserError(f"{weights_path} is not a readable safetensors file ({exc})") from None
+    model.load_state_dict(state, strict=True, assign=True)
     return SiTRun(model.eval(), config, folder)
 
 
