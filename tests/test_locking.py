@@ -56,3 +56,34 @@ def test_stale_takeover_happens_under_the_folder_flock(tmp_path: Path, caplog) -
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert f"taking over stale lock {tmp_path / '.lock'} (process {dead} is gone)" in caplog.text
     lock.release()
+
+
+_KILLED_PARENT = """
+import multiprocessing, os, signal, sys, time
+from pathlib import Path
+from sendvae.locking import close_inherited_locks, flock
+
+with flock(Path(sys.argv[1]), busy="busy"):
+    pool = multiprocessing.get_context("fork").Pool(1, initializer=close_inherited_locks)
+    worker = pool.apply_async(os.getpid).get()
+    print(worker, flush=True)
+    pool.apply_async(time.sleep, (60,))
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_parents_flock_is_not_kept_alive_by_its_pool_workers(tmp_path: Path) -> None:
+    lock, out = tmp_path / ".lock", tmp_path / "worker.pid"
+    with out.open("w") as stdout:  # a file, not a pipe: the orphaned worker keeps its copy open
+        subprocess.run([sys.executable, "-c", _KILLED_PARENT, str(lock)], stdout=stdout, timeout=60)
+    worker = int(out.read_text().split()[0])
+    try:
+        os.kill(worker, 0)  # the orphaned worker still runs ...
+        with flock(lock, busy="still held"):  # ... yet the lock died with its parent
+            pass
+    finally:
+        try:
+            os.kill(worker, 9)
+        except ProcessLookupError:
+            pass

@@ -24,6 +24,21 @@ from sendvae.errors import UserError
 
 log = logging.getLogger(__name__)
 
+#: descriptors of the flocks this process holds; a forked worker inherits them (see below).
+_HELD_FLOCKS: set[int] = set()
+
+
+def close_inherited_locks() -> None:
+    """Initializer for forked worker pools: close the copies of the parent's flock descriptors.
+
+    An flock lives until every descriptor of it is closed. Without this, workers of a parent that
+    was killed (SIGKILL) would keep its lock alive until they exit, and a rerun would be refused.
+    """
+    for fd in list(_HELD_FLOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FLOCKS.clear()
+
 
 @contextlib.contextmanager
 def flock(path: Path, busy: str | None = None) -> Iterator[None]:
@@ -43,8 +58,10 @@ def flock(path: Path, busy: str | None = None) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except OSError:
             raise UserError(busy) from None
+        _HELD_FLOCKS.add(fd)
         yield
     finally:
+        _HELD_FLOCKS.discard(fd)
         os.close(fd)  # releases the lock
 
 

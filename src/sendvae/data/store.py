@@ -45,7 +45,7 @@ from tqdm import tqdm
 from sendvae.data import shapes as shapes_lib
 from sendvae.data.images import BadImageError, list_image_folder, load_and_crop
 from sendvae.errors import UserError
-from sendvae.locking import flock
+from sendvae.locking import close_inherited_locks, flock
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def _run_tasks(tasks: list[_ShardTask], workers: int, total: int, done: int, pro
             for task in tasks:
                 bar.update(_build_shard(task)[1])
         else:
-            with _pool_context().Pool(min(workers, len(tasks))) as pool:
+            with _pool_context().Pool(min(workers, len(tasks)), initializer=close_inherited_locks) as pool:
                 for _, n in pool.imap_unordered(_build_shard, tasks):
                     bar.update(n)
     finally:
