@@ -94,7 +94,7 @@ def test_other_settings_in_the_same_folder_are_refused(smoke):
 
 def test_scales_and_overrides():
     default, full, small = demo_config(), demo_config("full"), demo_config("smoke")
-    assert (default.n_train, default.n_test, default.base_steps, default.finetune_steps) == (12_000, 3_000, 600, 300)
+    assert (default.n_train, default.n_test, default.base_steps, default.finetune_steps) == (12_000, 3_000, 500, 300)
     assert default.variants == ["none", "vf", "sendvae"] and default.generation_smoke
     assert full.variants[-1] == "sendvae-nonoise" and full.finetune_seeds == 2 and not full.generation_smoke
     assert "teacher" in full.probe_references and full.n_train == 20_000
