@@ -34,9 +34,9 @@ with other settings into the same folder is refused. Everything is seeded from `
 deterministic for a seed on a given machine and thread count.
 
 Scales (:func:`demo_config`): ``smoke`` (CI, about a minute), ``default`` (<= 10 minutes on 2 CPU
-cores; generation is a labelled smoke run) and ``full`` (about an hour: 20k images, batch 64 as in the
-pilot, more steps, a second fine-tune seed, the no-noise ablation and SiTs trained long enough to aim at
-recognisable shapes). The default keeps the pilot's 300 fine-tune *steps* but at batch 32, with 500
+cores; generation is a labelled smoke run) and ``full`` (about an hour: 20k images, batch 64 and the
+pilot's 1,500 base steps, 400 fine-tune steps, a second fine-tune seed, the no-noise ablation and SiTs
+trained 2,000 steps to aim at recognisable shapes). The default keeps the pilot's 300 fine-tune *steps* but at batch 32, with 500
 base steps (the base loss flattens after about 500 steps at batch 32): unlike the pilot, the teacher
 runs on every batch (``train_vae`` has no teacher-token cache) and the evaluation CNN is wider, so the
 pilot's batch-64 schedule would need about 11 minutes on the pilot's machine.
@@ -177,12 +177,12 @@ def demo_config(scale: str = "default", seed: int = 0, resolution: int = 32, ove
             classifier_steps=12, classifier_batch=32, sit_steps=8, sit_batch_size=32, sit_images=0, num_samples=24,
             sample_steps=4, generation_smoke=True,
         )
-    elif scale == "full":  # PILOT.md "--full": about an hour on 2 cores
+    elif scale == "full":  # PILOT.md "--full": about an hour on 2 idle cores
         values.update(
-            n_train=20_000, n_test=5_000, batch_size=64, base_steps=2000, finetune_steps=600, finetune_seeds=2,
+            n_train=20_000, n_test=5_000, batch_size=64, base_steps=1500, finetune_steps=400, finetune_seeds=2,
             probe_train=10_000, recon_images=0,
             variants=["none", "vf", "sendvae", "sendvae-nonoise"], probe_references=["pixels", "random-vae", "teacher"],
-            classifier_steps=600, classifier_batch=128, sit_variants=["none", "vf", "sendvae"], sit_steps=2500,
+            classifier_steps=600, classifier_batch=128, sit_variants=["none", "vf", "sendvae"], sit_steps=2000,
             sit_images=0, num_samples=2000, sample_steps=40, generation_smoke=False, checkpoint_every_steps=500,
         )
     data = to_dict(DemoConfig())
