@@ -18,9 +18,10 @@ from sendvae.eval.latent_metrics import (
     kde_density_grid,
     kde_uniformity,
     latent_metric_summary,
+    one_token_per_image,
     pool_latents,
 )
-from sendvae.eval.probe import Features
+from sendvae.eval.probe import Features, Standardizer
 
 
 def test_gini_known_values_and_pairwise_definition():
@@ -48,20 +49,68 @@ def test_kde_grid_matches_scipy_gaussian_kde():
     np.testing.assert_allclose(density.flatten().numpy(), expected, rtol=1e-8)
 
 
-def test_uniform_samples_are_more_uniform_than_tight_clusters():
+def test_grid_density_finds_uniform_samples_more_uniform_than_tight_clusters():
     gen = torch.Generator().manual_seed(3)
     uniform = torch.rand(2000, 2, generator=gen)
     centres = torch.tensor([[0.0, 0.0], [5.0, 1.0], [1.0, 6.0], [6.0, 5.0]])
     clusters = centres[torch.randint(4, (2000,), generator=gen)] + 0.1 * torch.randn(2000, 2, generator=gen)
-    u = kde_uniformity(uniform, projection="none", grid_size=32)
-    c = kde_uniformity(clusters, projection="none", grid_size=32)
+    grid = dict(density_at="grid", grid_size=32)
+    u = kde_uniformity(uniform, projection="none", **grid)
+    c = kde_uniformity(clusters, projection="none", **grid)
     assert u["gini"] < 0.25 < 0.6 < c["gini"]
     assert u["normalized_entropy"] > c["normalized_entropy"]
     # the same two sets placed on a random 2-D plane in 16-D: PCA finds the plane, the verdict holds
     plane = torch.linalg.qr(torch.randn(16, 2, generator=gen))[0].T  # [2, 16], orthonormal rows
-    u16 = kde_uniformity(uniform @ plane, grid_size=32)
-    c16 = kde_uniformity(clusters @ plane, grid_size=32)
+    u16 = kde_uniformity(uniform @ plane, projection="pca", **grid)
+    c16 = kde_uniformity(clusters @ plane, projection="pca", **grid)
     assert u16["gini"] + 0.2 < c16["gini"]  # (the bounding box of a tilted square holds empty corners)
+
+
+def test_density_at_samples_has_the_known_gini_of_a_gaussian_and_a_uniform_square():
+    """At the samples of a 2-D Gaussian the density exp(-r^2 / 2) is uniformly distributed (r^2 ~ chi2_2),
+    so its Gini is 1/3; Scott's bandwidth h = n^(-1/6) widens the KDE to variance 1 + h^2, turning the
+    values into U^a with a = 1 / (1 + h^2), whose Gini is a / (a + 2). A uniform square is nearly flat."""
+    gen = torch.Generator().manual_seed(5)
+    n = 3000
+    a = 1 / (1 + n ** (-1 / 3))
+    gaussian = kde_uniformity(torch.randn(n, 2, generator=gen), projection="none")
+    assert gaussian["gini"] == pytest.approx(a / (a + 2), abs=0.01)
+    square = kde_uniformity(torch.rand(n, 2, generator=gen), projection="none")
+    assert square["gini"] < 0.15 < gaussian["gini"]
+    assert square["normalized_entropy"] > gaussian["normalized_entropy"]
+
+
+def test_default_uniformity_is_vavae_tsne_then_kde_at_the_points():
+    """The default protocol against an independent computation: scikit-learn t-SNE of the z-scored
+    points (the package's z-scores), scipy's gaussian_kde evaluated at the embedding, Gini and normalised entropy in numpy."""
+    from scipy.stats import gaussian_kde
+    from sklearn.manifold import TSNE
+
+    gen = torch.Generator().manual_seed(6)
+    points = torch.cat([torch.randn(150, 8, generator=gen), torch.randn(50, 8, generator=gen) * 0.2 + 3.0])
+    ours = kde_uniformity(points, seed=3)
+    # t-SNE is chaotic in its input (a 1e-7 change moves the embedding), so both start from the same z-scores
+    x = Standardizer.fit(points)(points).double().numpy()
+    emb = TSNE(n_components=2, perplexity=30.0, init="pca", random_state=3).fit_transform(x)
+    density = np.sort(gaussian_kde(emb.T)(emb.T))
+    i = np.arange(1, len(density) + 1)
+    gini = np.sum((2 * i - len(density) - 1) * density) / (len(density) * density.sum())
+    p = density / density.sum()
+    entropy = -np.sum(p * np.log(p)) / np.log(len(p))
+    assert ours["gini"] == pytest.approx(gini, rel=1e-3, abs=1e-4)
+    assert ours["normalized_entropy"] == pytest.approx(entropy, rel=1e-4)
+
+
+def test_one_token_per_image_picks_a_seeded_position_of_each_image():
+    tokens = torch.arange(5 * 4 * 3, dtype=torch.float32).reshape(5 * 4, 3)  # 5 images x 4 positions x 3 channels
+    picked = one_token_per_image(tokens, 5, seed=1)
+    assert picked.shape == (5, 3)
+    for image, row in enumerate(picked):
+        position = int(row[0]) // 3 - 4 * image
+        assert 0 <= position < 4 and torch.equal(row, tokens[4 * image + position])
+    assert torch.equal(picked, one_token_per_image(tokens, 5, seed=1))
+    with pytest.raises(UserError, match="do not split into 3 images"):
+        one_token_per_image(tokens, 3)
 
 
 def test_gmm_em_matches_scikit_learn():

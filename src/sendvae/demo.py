@@ -36,10 +36,10 @@ deterministic for a seed on a given machine and thread count.
 Scales (:func:`demo_config`): ``smoke`` (CI, about a minute), ``default`` (<= 10 minutes on 2 CPU
 cores; generation is a labelled smoke run) and ``full`` (about an hour: 20k images, batch 64 and the
 pilot's 1,500 base steps, 400 fine-tune steps, a second fine-tune seed, the no-noise ablation and SiTs
-trained 2,000 steps to aim at recognisable shapes). The default keeps the pilot's 300 fine-tune *steps* but at batch 32, with 500
-base steps (the base loss flattens after about 500 steps at batch 32): unlike the pilot, the teacher
-runs on every batch (``train_vae`` has no teacher-token cache) and the evaluation CNN is wider, so the
-pilot's batch-64 schedule would need about 11 minutes on the pilot's machine.
+trained 2,000 steps to aim at recognisable shapes). The default keeps the pilot's 300 fine-tune
+*steps* but at batch 32, with 500 base steps (the base loss flattens after about 500 steps at batch
+32): unlike the pilot, the teacher runs on every batch (``train_vae`` has no teacher-token cache) and
+the evaluation CNN is wider, so the pilot's batch-64 schedule would not fit in 10 minutes.
 
 The stage-1 method settings come from the presets ``configs/shapes/{base,none,vf,sendvae,
 sendvae_nonoise}.yaml`` and stage 2 from ``configs/shapes/sit_tiny.yaml``; the demo overrides only the
@@ -75,6 +75,7 @@ from sendvae.config import (
     validate,
 )
 from sendvae.errors import UserError
+from sendvae.progress import bars_enabled
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class _Plan:
     def run(self) -> dict[str, dict[str, Any]]:
         total = sum(s.estimate for s in self.steps)
         fmt = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"
-        with tqdm(total=total, desc="demo", bar_format=fmt, disable=not self.progress, position=0,
+        with tqdm(total=total, desc="demo", bar_format=fmt, disable=not (self.progress and bars_enabled()), position=0,
                   dynamic_ncols=True) as bar:
             started = time.time()
             done_work = 0.0

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from sendvae.config import ConfigError, param
 from sendvae.errors import UserError
+from sendvae.progress import bars_enabled
 from sendvae.transport import velocity_to_score
 
 log = logging.getLogger(__name__)
@@ -443,7 +444,7 @@ def sample_to_npz(
             total=sum(e - s for s, e in mine),
             unit="img",
             desc=f"sampling (rank {rank}/{world})",
-            disable=rank != 0,
+            disable=not bars_enabled(rank == 0),
             dynamic_ncols=True,
         )
         for start, end in mine:
@@ -630,7 +631,7 @@ def sample_from_run(
     out = Path(out)
     if out.suffix != ".npz":
         raise UserError(f"--out {out}: the samples file must end in .npz (ADM format)")
-    info = distributed.init_distributed(device)
+    info = distributed.init_distributed(device, "--device")
     try:
         generator = load_generator(sit, vae, info.device, dtype)
         job = SampleJob(

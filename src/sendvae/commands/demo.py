@@ -26,7 +26,7 @@ Steps (each writes OUT/<step>/ and is skipped when complete, so an interrupted d
                 probe-vs-generation plot) and summary.json; the summary table is printed
 
 Scales:
-  (default)  about 9 minutes on 2 idle CPU cores (longer when other processes share them: torch's
+  (default)  about 8 minutes on 2 idle CPU cores (longer when other processes share them: torch's
              2 threads slow down badly on a busy machine, where threads=1 can be faster);
              the probe study in full, generation as a clearly labelled smoke run
   --full     about an hour: 20k images, longer training, 2 fine-tune seeds, no-noise ablation,

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from sendvae.errors import UserError
 from sendvae.pixels import to_model
+from sendvae.progress import bars_enabled
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def cache_latents(
         raise UserError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
     out = Path(out)
     lock = PidLock(out / ".lock", f"latent cache {out}")  # taken by rank 0
-    info = distributed.init_distributed(device)
+    info = distributed.init_distributed(device, "--device")
     try:
         vae = load_vae(vae_path).to(info.device).eval().requires_grad_(False)
         fingerprint = vae_fingerprint(vae, include_stats=False)
@@ -264,7 +265,7 @@ def _encode_shards(vae: torch.nn.Module, teacher: torch.nn.Module | None, datase
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
     store_dtype = torch.float16 if dtype == "float16" else torch.float32
     total = sum(ranges[k][1] - ranges[k][0] for k in todo)
-    bar = tqdm(total=total, desc=f"cache-latents (rank {info.rank})", unit="img", disable=not info.is_main)
+    bar = tqdm(total=total, desc=f"cache-latents (rank {info.rank})", unit="img", disable=not bars_enabled(info.is_main))
     queue = list(todo)
     parts: dict[str, list[torch.Tensor]] = {}
     digest = hashlib.sha256()

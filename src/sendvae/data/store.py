@@ -46,6 +46,7 @@ from sendvae.data import shapes as shapes_lib
 from sendvae.data.images import BadImageError, list_image_folder, load_and_crop
 from sendvae.errors import UserError
 from sendvae.locking import close_inherited_locks, flock
+from sendvae.progress import bars_enabled
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ def _raise_if_strict_and_skipped(strict: bool, skipped: list[dict[str, str]], so
 
 
 def _run_tasks(tasks: list[_ShardTask], workers: int, total: int, done: int, progress: bool) -> None:
-    bar = tqdm(total=total, initial=done, unit="img", desc="prepare", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=done, unit="img", desc="prepare", disable=not (progress and bars_enabled()), dynamic_ncols=True)
     try:
         if workers <= 1 or len(tasks) <= 1:
             for task in tasks:

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from sendvae.errors import UserError
 from sendvae.eval.inception import FeatureExtractor
+from sendvae.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -650,15 +651,6 @@ def write_metrics(metrics: Mapping[str, Any], path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(device)
-
-
 def build_extractors(
     inception: str | Path | None,
     features: Sequence[str] = (),
@@ -668,7 +660,7 @@ def build_extractors(
     """The Inception extractor and the teacher extractors named in ``features`` (``NAME`` or ``NAME:WEIGHTS``)."""
     from sendvae.eval.inception import InceptionFeatures, build_feature_extractor
 
-    where = resolve_device(device)
+    where = resolve_device(device, setting="--device")
     teachers: list[FeatureExtractor] = [build_feature_extractor(spec, where) for spec in features if spec]
     names = [t.name for t in teachers]
     if len(set(names)) != len(names) or "inception" in names:
@@ -699,9 +691,8 @@ def evaluate_files(
     if source.is_npz() and not Path(samples).is_file():
         raise UserError(f"samples file {samples} does not exist")
     inception_net, teachers = build_extractors(inception, features, device, inception_dtype)
-    metrics = evaluate_samples(
-        source, reference, inception_net, teachers, batch_size=batch_size, kid=kid, device=resolve_device(device)
-    )
+    where = resolve_device(device, setting="--device")
+    metrics = evaluate_samples(source, reference, inception_net, teachers, batch_size=batch_size, kid=kid, device=where)
     out = Path(json_out) if json_out else _default_json(samples)
     write_metrics(metrics.to_json(), out)
     log.info("metrics written to %s", out)

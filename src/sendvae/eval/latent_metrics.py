@@ -9,14 +9,14 @@ definition:
   latent, features standardised with train statistics, L2 chosen on a validation split.
 * :func:`kde_uniformity` -- **uniformity** as in VA-VAE (Yao et al., "Reconstruction vs. Generation:
   Taming Optimization Dilemma with Vision Foundation Model Aligned Latent Diffusion Models",
-  arXiv 2501.01423): the latents are embedded in 2-D, a Gaussian kernel density estimate is fitted,
-  and the **Gini coefficient** of that density (lower = more uniform) and its normalised entropy
-  (higher = more uniform) are reported. VA-VAE embeds with t-SNE; the default here is PCA to 2-D
-  (deterministic and fast); ``projection="tsne"`` uses scikit-learn when it is installed. The density
-  is evaluated on a regular grid over the embedding's bounding box (principal axes), so empty
-  regions count as non-uniform (evaluated only at the samples, equally sized clusters would look
-  uniform); a support that does not fill its bounding box, e.g. a tilted square, therefore scores
-  a somewhat higher Gini than an axis-aligned one.
+  arXiv 2501.01423, and its released analysis script, LightningDiT ``tools/latent_vis.py``): one latent
+  token per image at a random position (a C-vector, standardised per channel), embedded in 2-D with
+  t-SNE (perplexity 30), a Gaussian kernel density estimate (Scott's rule, full covariance) of the
+  embedding evaluated **at the embedded points**, and the **Gini coefficient** of those densities
+  (lower = more uniform) with their normalised entropy (higher = more uniform). Options: PCA instead
+  of t-SNE (deterministic, fast), and the density on a regular grid over the bounding box
+  (``density_at="grid"``), where empty regions count as non-uniform (at the samples, equally sized
+  well-separated clusters look uniform).
 * :func:`gmm_discrimination` -- **discrimination** as in MAETok (Chen et al., "Masked Autoencoders
   Are Effective Tokenizers for Diffusion Models", arXiv 2502.03444, section 2): Gaussian mixtures
   with K components are fitted (EM, diagonal covariances, written here in torch) to the latent
@@ -134,8 +134,9 @@ def gini_coefficient(values: Tensor) -> float:
     return float(((2 * i - n - 1) * v).sum() / (n * total))
 
 
-def embed_2d(points: Tensor, projection: str = "pca", seed: int = 0) -> Tensor:
-    """Standardise [N, D] points and embed them in 2-D (``pca``, ``tsne`` or ``none`` when D == 2)."""
+def embed_2d(points: Tensor, projection: str = "tsne", seed: int = 0, perplexity: float = 30.0) -> Tensor:
+    """Standardise [N, D] points and embed them in 2-D: ``tsne`` (scikit-learn, PCA-initialised, as VA-VAE),
+    ``pca`` or ``none`` (points already 2-D). t-SNE's perplexity is capped at (N - 1) / 3 for small N."""
     x = Standardizer.fit(points)(points.float())
     if projection == "none":
         if x.shape[1] != 2:
@@ -144,13 +145,20 @@ def embed_2d(points: Tensor, projection: str = "pca", seed: int = 0) -> Tensor:
     if projection == "pca":
         return PCA.fit(x, 2, seed)(x)
     if projection == "tsne":
-        try:
-            from sklearn.manifold import TSNE
-        except ImportError:
-            raise UserError("projection 'tsne' needs scikit-learn (pip install scikit-learn); or use 'pca'") from None
-        emb = TSNE(n_components=2, random_state=seed, init="pca").fit_transform(x.double().numpy())
+        from sklearn.manifold import TSNE
+
+        perplexity = min(perplexity, (x.shape[0] - 1) / 3)
+        emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x.double().numpy())
         return torch.from_numpy(emb).float()
-    raise UserError(f"projection must be 'pca', 'tsne' or 'none', got {projection!r}")
+    raise UserError(f"projection must be 'tsne', 'pca' or 'none', got {projection!r}")
+
+
+def kde_density_at_points(points: Tensor) -> Tensor:
+    """Gaussian KDE of 2-D points (Scott's rule, full covariance: ``scipy.stats.gaussian_kde``) at the points."""
+    from scipy.stats import gaussian_kde
+
+    p = points.double().numpy().T
+    return torch.from_numpy(gaussian_kde(p)(p))
 
 
 def kde_density_grid(points: Tensor, grid_size: int = 64, bandwidth: float | None = None) -> Tensor:
@@ -178,23 +186,39 @@ def kde_density_grid(points: Tensor, grid_size: int = 64, bandwidth: float | Non
 def kde_uniformity(
     points: Tensor,
     *,
-    projection: str = "pca",  # how [N, D] latents reach 2-D: pca | tsne | none
-    grid_size: int = 64,  # density evaluated on grid_size^2 points over the bounding box
-    bandwidth: float | None = None,  # KDE bandwidth in std units (None: Scott's rule)
-    max_points: int = 5000,  # a seeded subset for speed (t-SNE especially)
+    projection: str = "tsne",  # how [N, D] latents reach 2-D: tsne (VA-VAE) | pca | none
+    density_at: str = "samples",  # KDE evaluated at the embedded samples (VA-VAE) | on a grid
+    grid_size: int = 64,  # density_at="grid": grid_size^2 points over the bounding box
+    bandwidth: float | None = None,  # density_at="grid": KDE bandwidth in std units (None: Scott's rule)
+    max_points: int = 10_000,  # a seeded subset (VA-VAE samples 10,000 latents)
     seed: int = 0,
 ) -> dict[str, float]:
     """VA-VAE's uniformity statistics of latents [N, D]: Gini coefficient and normalised entropy of a KDE density."""
-    if points.dim() != 2 or points.shape[0] < 3:
-        raise UserError(f"kde_uniformity needs at least 3 points [N, D], got {tuple(points.shape)}")
+    if points.dim() != 2 or points.shape[0] < 4:
+        raise UserError(f"kde_uniformity needs at least 4 points [N, D], got {tuple(points.shape)}")
+    if density_at not in ("samples", "grid"):
+        raise UserError(f"density_at must be 'samples' or 'grid', got {density_at!r}")
     if points.shape[0] > max_points:
         keep = torch.randperm(points.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
         points = points[keep]
-    density = kde_density_grid(embed_2d(points, projection, seed), grid_size, bandwidth).flatten()
+    embedded = embed_2d(points, projection, seed)
+    if density_at == "samples":
+        density = kde_density_at_points(embedded)
+    else:
+        density = kde_density_grid(embedded, grid_size, bandwidth).flatten()
     prob = density / density.sum()
     nonzero = prob[prob > 0]
     entropy = float(-(nonzero * nonzero.log()).sum()) / math.log(prob.numel())
     return {"gini": gini_coefficient(density), "normalized_entropy": entropy}
+
+
+def one_token_per_image(tokens: Tensor, num_images: int, seed: int = 0) -> Tensor:
+    """From image-major tokens [N * T, C], the token at one seeded random position per image: [N, C]."""
+    if num_images < 1 or tokens.shape[0] % num_images:
+        raise UserError(f"{tokens.shape[0]} tokens do not split into {num_images} images")
+    per_image = tokens.reshape(num_images, -1, tokens.shape[-1])
+    pick = torch.randint(per_image.shape[1], (num_images,), generator=torch.Generator().manual_seed(seed))
+    return per_image[torch.arange(num_images), pick]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,10 +352,11 @@ def latent_metric_summary(
     max_iter: int = 300,  # class probe L-BFGS iterations per L2 value
     standardize: bool = True,  # class probe: z-score the features (False for standardised PCA projections)
 ) -> dict[str, float]:
-    """For one encoder: uniformity (Gini, entropy) of the per-image features, GMM NLL per K and the modes
-    of the latent tokens, and class-probe accuracy when the labels take at least two values."""
+    """For one encoder: uniformity (Gini, entropy) of one random latent token per test image (VA-VAE),
+    GMM NLL per K and the modes of the latent tokens, and class-probe accuracy when the labels take at
+    least two values."""
     out: dict[str, float] = {}
-    uniformity = kde_uniformity(test_x, seed=seed)
+    uniformity = kde_uniformity(one_token_per_image(test_tokens, test_x.shape[0], seed), seed=seed)
     out["uniformity_gini"] = uniformity["gini"]
     out["uniformity_entropy"] = uniformity["normalized_entropy"]
     gmm = gmm_discrimination(test_tokens, k_grid=k_grid, seed=seed, device=device)

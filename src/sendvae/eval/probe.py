@@ -50,6 +50,8 @@ from tqdm import tqdm
 from sendvae.config import param, to_dict
 from sendvae.errors import UserError
 from sendvae.pixels import to_model
+from sendvae.progress import bars_enabled
+from sendvae.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -568,7 +570,7 @@ def fit_linear_probe(
 
     results: dict[float, tuple[Tensor, int, Tensor, Tensor]] = {}
     grid = sorted(set(float(v) for v in l2_grid), reverse=True)  # warm start from strong to weak L2
-    for l2 in tqdm(grid, desc="probe L2 grid", leave=False, disable=not progress):
+    for l2 in tqdm(grid, desc="probe L2 grid", leave=False, disable=not (progress and bars_enabled())):
 
         def objective(l2: float = l2) -> Tensor:
             per_attr = _masked_bce(xt @ w + b, yt, mt)[observed]
@@ -705,18 +707,6 @@ class ProbeConfig:
     latent_metrics: bool = param(False, "also compute uniformity, GMM discrimination and class-probe accuracy per row")
     gmm_k_grid: list[int] = param([1, 2, 4, 8, 16, 32, 64], "GMM component counts for the discrimination metric")
     seed: int = param(0, "seed for the validation carve, subsets, posterior samples and random-init VAEs")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device: {name!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: {name!r} asked for but CUDA is not available here")
-    return device
 
 
 @dataclass
@@ -957,7 +947,7 @@ def run_probe(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = None if cfg.cache_dir.lower() == "none" else Path(cfg.cache_dir or out / "feature_cache")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, setting="device")
     results: dict[str, Any] = {"config": to_dict(cfg), "datasets": []}
     for spec in data_specs:
         data = _open_dataset(spec, cfg)

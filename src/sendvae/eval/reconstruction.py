@@ -201,12 +201,13 @@ def evaluate_vae(
     LPIPS needs the VGG16 weights: with ``lpips`` None it uses them when torchvision's cache has
     them and is skipped (with a warning) otherwise; ``lpips="none"`` skips it.
     """
-    from sendvae.eval.generation import resolve_device, write_metrics
+    from sendvae.eval.generation import write_metrics
+    from sendvae.train.distributed import resolve_device
     from sendvae.eval.inception import InceptionFeatures
     from sendvae.losses import PerceptualLoss
     from sendvae.models.vae import load_vae
 
-    where = resolve_device(device)
+    where = resolve_device(device, setting="--device")
     autoencoder = load_vae(vae).to(where).eval()
     if resolution is None and data.startswith("shapes:"):
         resolution = autoencoder.resolution  # generated data: render at the VAE's native size

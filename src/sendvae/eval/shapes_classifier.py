@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sendvae.pixels import to_model
+from sendvae.progress import bars_enabled
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def train_shapes_classifier(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
-    bar = tqdm(range(steps), desc="shapes classifier", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="shapes classifier", disable=not (progress and bars_enabled()), leave=False)
     for _ in bar:
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
         batch = random_blur(images[idx], generator) if blur else images[idx]

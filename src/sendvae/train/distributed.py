@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -35,23 +36,29 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``cuda`` without CUDA is an error."""
-    if preference not in ("auto", "cpu", "cuda"):
-        raise UserError(f"train.device: {preference!r} is not one of ['auto', 'cpu', 'cuda']")
+def resolve_device(preference: str, local_rank: int = 0, setting: str = "train.device") -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``cuda`` -> ``cuda:LOCAL_RANK``;
+    ``cuda:N`` as written; CUDA without a CUDA device is an error.
+
+    ``setting`` is how the caller's user spelled the choice (a config key or a flag), for the error message.
+    """
+    if preference not in ("auto", "cpu", "cuda") and re.fullmatch(r"cuda:\d+", preference) is None:
+        raise UserError(f"{setting}: {preference!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto")
+        raise UserError(f"{setting}={preference} but torch sees no CUDA device; use {setting}=cpu or auto")
+    if preference.startswith("cuda:"):
+        return torch.device(preference)
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_distributed(device_preference: str = "auto") -> DistInfo:
+def init_distributed(device_preference: str = "auto", setting: str = "train.device") -> DistInfo:
     """Join the process group described by the ``torchrun`` environment variables (if WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    device = resolve_device(device_preference, local_rank)
+    device = resolve_device(device_preference, local_rank, setting)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world <= 1:

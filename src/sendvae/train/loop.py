@@ -78,6 +78,7 @@ from sendvae import __version__
 from sendvae.config import ConfigError, param, save_config, to_dict
 from sendvae.errors import UserError
 from sendvae.locking import PidLock
+from sendvae.progress import bars_enabled
 from sendvae.train import distributed as dist_utils
 from sendvae.train.checkpoint import (
     Checkpoint,
@@ -636,7 +637,7 @@ def _run(stage: Stage, dataset: torch.utils.data.Dataset, cfg: LoopConfig, run_d
 
     metrics = _Metrics(run_dir, dinfo.is_main, device)
     bar = tqdm(total=cfg.total_images, initial=images_seen, unit="img", unit_scale=True, dynamic_ncols=True,
-               disable=not dinfo.is_main, desc="train")
+               disable=not bars_enabled(dinfo.is_main), desc="train")
     last_checkpoint = ckpt_root / resume_name if resume_name else None
     last_logs: dict[str, Any] = {}
     start_time, window_time, window_images = time.time(), time.time(), images_seen
