@@ -126,3 +126,38 @@ def test_inputs_errors_name_the_problem(tmp_path, capsys):
         run_correlate([results], {"a": 1.0, "b": 2.0}, tmp_path / "o")
     assert main(["correlate", str(tmp_path / "missing.json"), "--gfid", "a=1", "--out", str(tmp_path / "o")]) == 2
     assert "missing.json does not exist" in capsys.readouterr().err
+
+
+def test_correlate_reads_what_sendvae_probe_wrote(tmp_path, capsys):
+    """The chain of the issue: `sendvae probe` (with the latent metrics) on four VAEs, then `sendvae correlate`
+    against their gFIDs: every correlation is computed from the probe's own numbers, and plots exist."""
+    import torch
+
+    from sendvae.models.vae import build_vae, save_vae
+
+    gfid = {"a": 17.4, "b": 11.4, "c": 9.0, "d": 7.6}
+    args = ["probe", "--data", "shapes:240", "--out", str(tmp_path / "probe"), "resolution=32", "l2_grid=[1e-3]",
+            "max_iter=30", "latent_metrics=true", "gmm_k_grid=[1,2]"]
+    for seed, name in enumerate(gfid):
+        torch.manual_seed(seed)
+        save_vae(build_vae("tiny-f4c4"), tmp_path / name)
+        args += ["--vae", f"{name}={tmp_path / name}"]
+    assert main(args) == 0
+    results = tmp_path / "probe" / "probe_results.json"
+    rows = {r["name"]: r for r in json.loads(results.read_text())["datasets"][0]["rows"]}
+    capsys.readouterr()
+
+    out = tmp_path / "corr"
+    assert main(["correlate", str(results), *[f"--gfid={n}={v}" for n, v in gfid.items()], "--bootstrap", "100",
+                 "--out", str(out)]) == 0
+    assert "shapes:macro_f1" in capsys.readouterr().out
+    by_metric = {e["metric"]: e for e in json.loads((out / "correlations.json").read_text())["correlations"]}
+    assert {"shapes:macro_f1", "shapes:micro_f1", "shapes:latent.uniformity_gini"} <= set(by_metric)
+    names = list(gfid)
+    for metric, value in (("shapes:macro_f1", lambda r: r["macro_f1"]),
+                          ("shapes:latent.uniformity_gini", lambda r: r["latent_metrics"]["uniformity_gini"])):
+        xs = [value(rows[n]) for n in names]
+        assert by_metric[metric]["names"] == names
+        assert by_metric[metric]["pearson"] == pytest.approx(np.corrcoef(xs, [gfid[n] for n in names])[0, 1])
+        assert (out / "plots" / f"{metric.replace(':', '_')}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "plots" / "overview.png").is_file() and (out / "correlations.md").is_file()

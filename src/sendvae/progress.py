@@ -1,8 +1,8 @@
 """Whether a progress bar is shown: one switch for every bar of the package.
 
-tqdm reads ``TQDM_DISABLE`` from the environment only for bars created without an explicit
-``disable=``; the package's bars pass one (non-main ranks stay silent), so they ask here instead.
-``sendvae demo --quiet`` sets ``TQDM_DISABLE=1``, which silences the package's bars and the libraries'.
+Every bar of the package passes ``disable=not bars_enabled(...)``: silent on non-main ranks and whenever
+``TQDM_DISABLE`` is set (``sendvae demo --quiet`` sets it). tqdm itself reads ``TQDM_DISABLE`` only once,
+when it is imported, so asking here is what makes a value set at run time count.
 """
 
 from __future__ import annotations

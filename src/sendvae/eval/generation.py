@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from sendvae.errors import UserError
 from sendvae.eval.inception import FeatureExtractor
+from sendvae.progress import bars_enabled
 from sendvae.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -416,7 +417,7 @@ def summarize(
     labels: list[np.ndarray] = []
     every_batch_labelled = True
     count = 0
-    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True) as progress:
+    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, disable=not bars_enabled()) as progress:
         for images, y in batches:
             if on_batch is not None:
                 on_batch(images)

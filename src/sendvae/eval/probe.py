@@ -240,7 +240,7 @@ def extract_encoder_features(
     xs, attrs, labels, indices = [], [], [], []
     shape: tuple[int, ...] = ()
     for batch in tqdm(_batches(dataset, batch_size, num_workers), desc=desc, unit="batch", leave=False,
-                      total=math.ceil(n / batch_size)):
+                      total=math.ceil(n / batch_size), disable=not bars_enabled()):
         images = batch["image"].to(device)
         index = batch["index"].long() if "index" in batch else torch.arange(len(images)) + sum(map(len, indices))
         out = encoder(images, index)
@@ -955,7 +955,7 @@ def run_probe(
             "spec": spec, "name": dataset_short_name(spec), "attributes": data.names, "factors": data.groups,
             "val_carved": data.val is None, "rows": [],
         }
-        for row in tqdm(rows, desc=f"probe {entry['name']}", unit="row"):
+        for row in tqdm(rows, desc=f"probe {entry['name']}", unit="row", disable=not bars_enabled()):
             r = _probe_one_row(row, data, cfg, device, cache)
             entry["rows"].append(r)
             log.info("%s on %s: micro-F1 %.4f macro-F1 %.4f (%.0f s)", row.name, entry["name"], r["micro_f1"],

@@ -33,6 +33,7 @@ from sendvae.errors import UserError
 from sendvae.eval.generation import ImageSource, RunningStats, frechet_distance
 from sendvae.eval.inception import FeatureExtractor
 from sendvae.pixels import to_model, to_uint8
+from sendvae.progress import bars_enabled
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ def evaluate_reconstruction(
     real_stats, recon_stats = RunningStats(), RunningStats()
     psnr_sum = ssim_sum = lpips_sum = 0.0
     count = 0
-    with tqdm(total=len(source), unit="img", desc="reconstruction", dynamic_ncols=True) as progress:
+    with tqdm(total=len(source), unit="img", desc="reconstruction", dynamic_ncols=True,
+              disable=not bars_enabled()) as progress:
         for images, _ in source.batches(batch_size):
             recon = reconstruct(images)
             if recon.dtype != torch.uint8 or recon.shape != images.shape:

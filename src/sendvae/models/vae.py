@@ -51,6 +51,7 @@ from torch import nn
 
 from sendvae.errors import UserError
 from sendvae.pickles import flatten_tensors, pickle_refusal
+from sendvae.progress import bars_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -988,7 +989,7 @@ def compute_latent_stats(
     seen = 0
     was_training = vae.training
     vae.eval()
-    with tqdm(total=num_images, desc="latent stats", unit="img") as bar:
+    with tqdm(total=num_images, desc="latent stats", unit="img", disable=not bars_enabled()) as bar:
         for batch in loader:
             x = _images_of(batch)[: num_images - seen].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
