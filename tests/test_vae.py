@@ -411,14 +411,25 @@ class _Images(torch.utils.data.Dataset):
 def test_latent_stats_on_a_known_dataset():
     vae = _randomize(build_vae("tiny-f4c4"))
     data = _Images(10, 32)
-    mean, std = compute_latent_stats(vae, data, num_images=7, batch_size=3)
     with torch.no_grad():
-        z = vae.encode(data.images[:7].float() / 127.5 - 1).mean.double()
+        posterior = vae.encode(data.images[:7].float() / 127.5 - 1)
+    z, s = posterior.mean.double(), posterior.std.double()
+    mean, std = compute_latent_stats(vae, data, num_images=7, batch_size=3, latent="mean")
     torch.testing.assert_close(mean, z.mean(dim=(0, 2, 3)).float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(std, z.std(dim=(0, 2, 3), unbiased=False).float(), atol=1e-5, rtol=1e-5)
     vae.set_latent_stats(mean, std)
     normalized = vae.normalize(z.float())
     torch.testing.assert_close(normalized.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4, rtol=0)
+    # default: the posterior samples stage 2 trains on; variance of the means plus the mean posterior variance
+    post_mean, post_std = compute_latent_stats(vae, data, num_images=7, batch_size=3)
+    torch.testing.assert_close(post_mean, mean)
+    expected = (z.var(dim=(0, 2, 3), unbiased=False) + s.pow(2).mean(dim=(0, 2, 3))).sqrt().float()
+    torch.testing.assert_close(post_std, expected, atol=1e-5, rtol=1e-5)
+    # ... which is what many drawn samples give
+    draws = torch.cat([posterior.mean + posterior.std * torch.randn(posterior.mean.shape) for _ in range(400)])
+    torch.testing.assert_close(post_std, draws.std(dim=(0, 2, 3)), atol=0, rtol=0.02)
+    with pytest.raises(UserError, match="posterior, mean or sample"):
+        compute_latent_stats(vae, data, num_images=7, latent="mode")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,11 +471,18 @@ def test_cli_stats_writes_a_folder_carrying_the_statistics(tmp_path):
     loaded = load_vae(tmp_path / "with-stats")
     images = torch.stack([open_image_dataset("shapes:12", 32)[i]["image"] for i in range(10)])
     with torch.no_grad():
-        z = vae.encode(images.float() / 127.5 - 1).mean.double()
+        posterior = vae.encode(images.float() / 127.5 - 1)
+    z, s = posterior.mean.double(), posterior.std.double()
     torch.testing.assert_close(loaded.latent_mean, z.mean(dim=(0, 2, 3)).float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loaded.latent_std, z.std(dim=(0, 2, 3), unbiased=False).float(), atol=1e-5, rtol=1e-5)
+    sample_std = (z.var(dim=(0, 2, 3), unbiased=False) + s.pow(2).mean(dim=(0, 2, 3))).sqrt().float()
+    torch.testing.assert_close(loaded.latent_std, sample_std, atol=1e-5, rtol=1e-5)
     record = json.loads((tmp_path / "with-stats" / "latent_stats.json").read_text())
-    assert record["num_images"] == 10 and record["data"] == "shapes:12"
+    assert record["num_images"] == 10 and record["data"] == "shapes:12" and record["latent"] == "posterior"
+    assert main(["vae", "stats", str(tmp_path / "base"), "--data", "shapes:12", "--num-images", "10",
+                 "--device", "cpu", "--latent", "mean", "--out", str(tmp_path / "of-means")]) == 0
+    means_only = load_vae(tmp_path / "of-means")
+    torch.testing.assert_close(means_only.latent_std, z.std(dim=(0, 2, 3), unbiased=False).float(), atol=1e-5,
+                               rtol=1e-5)
     copy = json.loads((save_vae(loaded, tmp_path / "copy") / "latent_stats.json").read_text())
     assert copy["num_images"] == 10  # the provenance of the statistics survives a re-save
     # only the statistics changed: same weights

@@ -98,8 +98,9 @@ Example:
 
     stats = add_command(actions, "stats", "compute per-channel latent mean and std on a dataset", f"""\
 Encode N images of a dataset and compute the per-channel mean and std of the raw latent over all
-images and positions (posterior means by default, as in the latent cache; --sample uses posterior
-samples). Prints them; with --out, writes a sendvae VAE folder carrying them (latent_stats.json),
+images and positions. By default they describe the posterior samples z = mean + std * eps that stage 2
+trains on (computed exactly from the posterior moments); --latent mean uses the posterior means only,
+--latent sample one drawn sample per image. Prints them; with --out, writes a sendvae VAE folder carrying them (latent_stats.json),
 which every later stage applies at load time (normalize(z) = (z - mean) / std).
 
 SPEC is an image store folder made by `sendvae data prepare`, or shapes:N for N procedural images.
@@ -117,8 +118,9 @@ Example:
     stats.add_argument("--resolution", type=int,
                        help="image resolution (default: the VAE's native resolution, config sample_size)")
     stats.add_argument("--out", metavar="FOLDER", help="write a sendvae VAE folder carrying the statistics")
-    stats.add_argument("--sample", action="store_true", help="use posterior samples instead of posterior means")
-    stats.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (with --sample)")
+    stats.add_argument("--latent", choices=("posterior", "mean", "sample"), default="posterior",
+                       help="statistics of: posterior samples, exactly (default), posterior means, or drawn samples")
+    stats.add_argument("--seed", type=int, default=0, help="seed of the drawn samples (with --latent sample)")
     stats.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     stats.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
     stats.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
@@ -193,17 +195,17 @@ def run_stats(args: argparse.Namespace) -> int:
     from sendvae.data.store import open_image_dataset
     from sendvae.errors import UserError
     from sendvae.models.vae import compute_latent_stats, load_vae, save_vae
+    from sendvae.train.distributed import resolve_device
 
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be positive")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device, setting="--device")
     vae = load_vae(args.ckpt, prefix=args.prefix).to(device)
     resolution = args.resolution or vae.resolution
     dataset = open_image_dataset(args.data, resolution)
-    generator = torch.Generator(device).manual_seed(args.seed) if args.sample else None
+    generator = torch.Generator(device).manual_seed(args.seed) if args.latent == "sample" else None
     mean, std = compute_latent_stats(vae, dataset, args.num_images, batch_size=args.batch_size,
-                                     use_mean=not args.sample, generator=generator, autocast_bf16=args.bf16,
+                                     latent=args.latent, generator=generator, autocast_bf16=args.bf16,
                                      num_workers=args.workers)
     print("channel  mean  std")
     for c, (m, s) in enumerate(zip(mean.tolist(), std.tolist())):
@@ -211,7 +213,7 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.out:
         vae.set_latent_stats(mean, std, info={
             "data": args.data, "num_images": min(args.num_images, len(dataset)), "resolution": resolution,
-            "latent": "posterior sample" if args.sample else "posterior mean"})
+            "latent": args.latent})
         out = save_vae(vae.to("cpu"), args.out)
         print(f"wrote sendvae VAE folder {out} with these statistics")
     return 0

@@ -955,7 +955,7 @@ def compute_latent_stats(
     data: Any,
     num_images: int,
     batch_size: int = 64,
-    use_mean: bool = True,
+    latent: str = "posterior",
     generator: torch.Generator | None = None,
     autocast_bf16: bool = False,
     num_workers: int = 0,
@@ -963,10 +963,19 @@ def compute_latent_stats(
     """Per-channel mean and std of the raw latent over the first ``num_images`` images.
 
     ``data`` is a Dataset of items ``{"image": uint8 [3, H, W], ...}`` (or a DataLoader of such
-    batches). The latent is the posterior mean (``use_mean=True``, as stored by the latent cache)
-    or a sample. Statistics are taken over all images and positions (float64 sums); std is the
-    population std.
+    batches). ``latent`` says which latent the statistics describe:
+
+    - ``posterior`` (default): the posterior samples ``z = mean + std * eps`` that stage 2 trains on
+      (the latent cache keeps the moments and draws z each step, as REPA does), computed exactly from the
+      moments: E[z] = E[mean], E[z^2] = E[mean^2 + std^2]. A channel whose posterior noise exceeds the
+      spread of its means would otherwise reach the diffusion model with a variance far above 1.
+    - ``mean``: the posterior means only;
+    - ``sample``: one posterior sample per image drawn with ``generator``.
+
+    Statistics are taken over all images and positions (float64 sums); std is the population std.
     """
+    if latent not in ("posterior", "mean", "sample"):
+        raise UserError(f"latent statistics of {latent!r}: use posterior, mean or sample")
     from torch.utils.data import DataLoader, Dataset, Subset
     from tqdm import tqdm
 
@@ -994,10 +1003,12 @@ def compute_latent_stats(
             x = _images_of(batch)[: num_images - seen].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
                 posterior = vae.encode(x)
-            z = posterior.mean if use_mean else posterior.sample(generator)
+            z = posterior.sample(generator) if latent == "sample" else posterior.mean
             z = z.double().transpose(0, 1).reshape(channels, -1).cpu()
             total += z.sum(dim=1)
             total_sq += z.pow(2).sum(dim=1)
+            if latent == "posterior":
+                total_sq += posterior.std.double().transpose(0, 1).reshape(channels, -1).cpu().pow(2).sum(dim=1)
             count += z.shape[1]
             seen += x.shape[0]
             bar.update(x.shape[0])
