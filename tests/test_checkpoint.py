@@ -78,12 +78,14 @@ def test_keep_last_latest_pointer_and_leftover_temporary_folders(tmp_path: Path)
     model = nn.Linear(4, 3)
     opt = adam_after_steps(model, 1)
     stale = tmp_path / ".tmp-ckpt-000000000999-1"  # a crash mid-write by another process
-    stale.mkdir()
-    (stale / "state.json").write_text("{}")
+    replaced = tmp_path / ".old-ckpt-000000000998-1"  # a crash while re-saving a checkpoint
+    for leftover in (stale, replaced):
+        leftover.mkdir()
+        (leftover / "state.json").write_text("{}")
     for images in (8, 16, 24, 32):
         save(tmp_path, images, model, opt, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000000024", "ckpt-000000000032"]
-    assert not stale.exists()
+    assert not stale.exists() and not replaced.exists()
     assert (tmp_path / "latest").read_text().strip() == "ckpt-000000000032"
     assert load_latest(tmp_path).images_seen == 32
     assert load_latest(tmp_path / "empty") is None
@@ -100,3 +102,26 @@ def test_latest_falls_back_to_the_previous_valid_checkpoint(tmp_path: Path, capl
     assert found.images_seen == 8
     assert f"checkpoint {newest} is damaged" in caplog.text and "resuming from" in caplog.text
     assert str(tmp_path / "ckpt-000000000008") in caplog.text
+
+
+def test_resaving_the_same_progress_never_exposes_a_partial_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A resumed run re-saves a checkpoint that exists. A kill while the old copy is being deleted (simulated:
+    the deletion removes state.json, then the process dies) must leave a whole checkpoint under the name."""
+    from sendvae.train import checkpoint as ckpt
+
+    model = nn.Linear(4, 3)
+    opt = adam_after_steps(model, 1)
+    first = save(tmp_path, 8, model, opt)
+
+    def killed_while_deleting(path, ignore_errors=False):  # the first deletion of a real folder dies halfway
+        if Path(path).exists():
+            (Path(path) / "state.json").unlink()
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 8, model, opt)
+    monkeypatch.undo()
+    assert load_checkpoint(first).images_seen == 8  # the name holds a whole checkpoint
+    save(tmp_path, 16, model, opt, keep_last=2)  # the next save clears what the killed one left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

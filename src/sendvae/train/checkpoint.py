@@ -93,10 +93,12 @@ def save_checkpoint(
     name = checkpoint_name(images_seen)
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
+    replaced = root / f".old-{name}-{os.getpid()}"
     try:
         _write_folder(tmp, images_seen, tensors, torch_states, state)
-        if final.exists():  # an older attempt at the same progress (e.g. a resumed run re-saving)
-            shutil.rmtree(final)
+        if final.exists():  # an older attempt at the same progress (e.g. a resumed run re-saving):
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)  # moved aside whole, so a kill never leaves a half-deleted `final`
         os.replace(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, file too large, I/O error
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,6 +107,7 @@ def save_checkpoint(
         kept = f"previous checkpoint {root / previous} intact" if previous else "no previous checkpoint"
         raise CheckpointError(f"cannot write checkpoint {final} ({exc}); {free:.1f} GiB free; {kept}") from exc
     _fsync(root)
+    shutil.rmtree(replaced, ignore_errors=True)
     _write_latest(root, name)
     if keep_last is not None:
         prune(root, keep_last)
@@ -185,14 +188,16 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def prune(root: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints and any leftover temporary folders of this process."""
+    """Delete all but the newest ``keep_last`` checkpoints, the temporary folders that killed processes left
+    behind (this process's own may be in use) and every replaced copy (``save_checkpoint`` is done with it)."""
     root = Path(root)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for tmp in root.glob(".tmp-ckpt-*"):
-        if tmp.name.endswith(f"-{os.getpid()}"):
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not tmp.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    for replaced in root.glob(".old-ckpt-*"):
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 @dataclass
