@@ -125,3 +125,23 @@ def test_resaving_the_same_progress_never_exposes_a_partial_checkpoint(tmp_path:
     assert load_checkpoint(first).images_seen == 8  # the name holds a whole checkpoint
     save(tmp_path, 16, model, opt, keep_last=2)  # the next save clears what the killed one left
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_failed_resave_puts_the_older_copy_back(tmp_path: Path, monkeypatch) -> None:
+    from sendvae.train import checkpoint as ckpt
+
+    model = nn.Linear(4, 3)
+    opt = adam_after_steps(model, 1)
+    first = save(tmp_path, 8, model, opt)
+    real_replace = ckpt.os.replace
+
+    def disk_error_on_the_new_copy(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", disk_error_on_the_new_copy)
+    with pytest.raises(CheckpointError, match="No space left"):
+        save(tmp_path, 8, model, opt)
+    assert load_checkpoint(first).images_seen == 8
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

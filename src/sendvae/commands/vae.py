@@ -100,8 +100,9 @@ Example:
 Encode N images of a dataset and compute the per-channel mean and std of the raw latent over all
 images and positions. By default they describe the posterior samples z = mean + std * eps that stage 2
 trains on (computed exactly from the posterior moments); --latent mean uses the posterior means only,
---latent sample one drawn sample per image. Prints them; with --out, writes a sendvae VAE folder carrying them (latent_stats.json),
-which every later stage applies at load time (normalize(z) = (z - mean) / std).
+--latent sample one drawn sample per image. Prints them; with --out, writes a sendvae VAE folder
+carrying them (latent_stats.json), which every later stage applies at load time
+(normalize(z) = (z - mean) / std).
 
 SPEC is an image store folder made by `sendvae data prepare`, or shapes:N for N procedural images.
 

@@ -347,7 +347,8 @@ def _raise_if_strict_and_skipped(strict: bool, skipped: list[dict[str, str]], so
 
 
 def _run_tasks(tasks: list[_ShardTask], workers: int, total: int, done: int, progress: bool) -> None:
-    bar = tqdm(total=total, initial=done, unit="img", desc="prepare", disable=not (progress and bars_enabled()), dynamic_ncols=True)
+    bar = tqdm(total=total, initial=done, unit="img", desc="prepare", disable=not (progress and bars_enabled()),
+               dynamic_ncols=True)
     try:
         if workers <= 1 or len(tasks) <= 1:
             for task in tasks:

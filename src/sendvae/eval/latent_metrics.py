@@ -148,7 +148,8 @@ def embed_2d(points: Tensor, projection: str = "tsne", seed: int = 0, perplexity
         from sklearn.manifold import TSNE
 
         perplexity = min(perplexity, (x.shape[0] - 1) / 3)
-        emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x.double().numpy())
+        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+        emb = tsne.fit_transform(x.double().numpy())
         return torch.from_numpy(emb).float()
     raise UserError(f"projection must be 'tsne', 'pca' or 'none', got {projection!r}")
 

@@ -102,6 +102,8 @@ def save_checkpoint(
         os.replace(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, file too large, I/O error
         shutil.rmtree(tmp, ignore_errors=True)
+        if replaced.exists() and not final.exists():
+            os.replace(replaced, final)  # the older copy goes back under its name
         free = shutil.disk_usage(root).free / 2**30
         previous = _read_latest(root)
         kept = f"previous checkpoint {root / previous} intact" if previous else "no previous checkpoint"
