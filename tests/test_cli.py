@@ -37,3 +37,15 @@ def test_each_command_help_has_an_example(command, capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "sendvae.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "sendvae" in result.stdout
+
+
+HEAVY_LIBRARIES = ("torch", "numpy", "timm", "diffusers", "scipy", "sklearn", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[command, "--help"] for command in _commands()]])
+def test_help_imports_no_heavy_library(argv):
+    """`sendvae [cmd] --help` must start in well under a second: it may not import torch & co (issue 12)."""
+    probe = ("import sys\nfrom sendvae.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             f"print(sorted(m for m in {HEAVY_LIBRARIES!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", f"sendvae {' '.join(argv)} imported {result.stdout[-200:]}"

@@ -14,14 +14,8 @@ import pytest
 
 from sendvae.cli import main
 from sendvae.config import ConfigError
-from sendvae.demo import (
-    DemoConfig,
-    demo_config,
-    finite_metrics,
-    read_done,
-    run_demo,
-    summary_table,
-)
+from sendvae.demo.config import DemoConfig, demo_config
+from sendvae.demo.study import finite_metrics, read_done, run_demo, summary_table
 from sendvae.errors import UserError
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""``sendvae demo``: run the miniature Send-VAE study (a thin wrapper over :func:`sendvae.demo.run_demo`)."""
+"""``sendvae demo``: run the miniature Send-VAE study (a thin wrapper over :func:`sendvae.demo.study.run_demo`)."""
 
 from __future__ import annotations
 
@@ -55,14 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="image side; 64 uses an f8 VAE so the latent stays 8x8 (about 4x slower)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (log lines only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="change any demo setting, e.g. sit_steps=400")
-    from sendvae.demo import DemoConfig
+    from sendvae.demo.config import DemoConfig
 
     parser.epilog = "demo settings (default scale; --smoke/--full change several):\n" + "\n".join(describe(DemoConfig))
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sendvae.demo import run_demo
+    from sendvae.demo.study import run_demo
 
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* overrides from the environment (the libraries' bars too)

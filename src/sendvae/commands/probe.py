@@ -40,7 +40,7 @@ Example:
 
 
 def register(subparsers: Any) -> None:
-    from sendvae.eval.probe import ProbeConfig
+    from sendvae.eval.probe_config import ProbeConfig
 
     parser = add_command(subparsers, "probe", "linear attribute probes on VAE latents (F1, top-k recall)", DESCRIPTION)
     parser.add_argument("--vae", action="append", default=[], metavar="[NAME=]PATH", help="a VAE to probe (repeatable)")

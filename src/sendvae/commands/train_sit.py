@@ -28,7 +28,7 @@ Example:
 
 
 def register(subparsers: Any) -> None:
-    from sendvae.train.sit import TrainSiTConfig
+    from sendvae.train.sit_config import TrainSiTConfig
 
     parser = add_command(subparsers, "train-sit", "train SiT + REPA on a latent cache", DESCRIPTION)
     parser.add_argument("--out", required=True, help="run directory (created; an existing run resumes)")

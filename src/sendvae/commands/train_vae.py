@@ -35,7 +35,7 @@ Examples:
 
 
 def register(subparsers: Any) -> None:
-    from sendvae.train.vae import TrainVAEConfig
+    from sendvae.train.vae_config import TrainVAEConfig
 
     parser = add_command(subparsers, "train-vae", "stage 1: fine-tune a VAE with Send-VAE alignment", DESCRIPTION)
     parser.add_argument("--out", required=True, help="run directory (created; one with checkpoints resumes)")

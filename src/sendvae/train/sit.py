@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,12 +36,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sendvae.config import ConfigError, param, to_dict
+from sendvae.config import ConfigError, to_dict
 from sendvae.data.latents import CacheInfo, LatentDataset, check_fingerprint, open_cache, select_flip
 from sendvae.errors import UserError
 from sendvae.models.sit import SiT, args_from_dict, args_to_dict, preset_args, repa_loss
 from sendvae.models.vae import atomic_folder
-from sendvae.train.loop import LoopConfig, Phase, StepContext, seed_for, train
+from sendvae.train.loop import Phase, StepContext, seed_for, train
+from sendvae.train.sit_config import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RepaConfig,
+    TeacherConfig,
+    TrainSiTConfig,
+    TransportConfig,
+)
 from sendvae.transport import interpolate, sample_time, velocity_target
 
 log = logging.getLogger(__name__)
@@ -49,89 +58,6 @@ log = logging.getLogger(__name__)
 RUN_FORMAT = "sendvae-sit"
 _DRAW_STREAM = 7  # keeps the stage's draws apart from the loop's own seeds
 _INIT_STREAM = 8  # seed of the initial weights
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelConfig:
-    """The SiT: size preset, REPA projector block, label dropout."""
-
-    preset: str = param("SiT-T/1", "SiT-{XL,L,B,S,M,T}/{1,2,4}: official sizes XL/L/B/S, tiny CPU sizes M/T")
-    encoder_depth: int = param(
-        0, "REPA projector after this block (1-based); 0 = preset default (8 XL/L, 4 B/S)", min=0)
-    qk_norm: bool = param(False, "LayerNorm on queries and keys (not in the official SiT)")
-    label_dropout: float = param(0.1, "probability of replacing a label by the null class (for CFG)", min=0.0, max=1.0)
-    projector_dim: int = param(2048, "hidden width of the REPA projector MLP", min=1)
-
-
-@dataclass
-class TransportConfig:
-    """Training-time distribution (linear path, velocity target, t = 1 noise)."""
-
-    time_sampling: Literal["uniform", "lognormal", "logit-normal"] = param(
-        "uniform", "distribution of training times t")
-    time_mean: float = param(0.0, "mean of the normal behind lognormal / logit-normal t")
-    time_std: float = param(1.0, "std of the normal behind lognormal / logit-normal t", min=0.0)
-    time_shift: float = param(1.0, "shift t' = s t / (1 + (s - 1) t) toward noise; 1 = none", min=0.0)
-
-
-@dataclass
-class RepaConfig:
-    """The REPA alignment term: its weight and where the teacher tokens come from."""
-
-    weight: float = param(0.5, "lambda of the REPA loss (negative cosine per token); 0 = plain SiT", min=0.0)
-    source: Literal["online", "cache"] = param(
-        "cache", "teacher tokens: cache = stored by cache-latents --teacher; online = teacher run on the images"
-    )
-
-
-@dataclass
-class TeacherConfig:
-    """The teacher run on the images when ``repa.source=online``."""
-
-    name: str = param("", "teacher for online REPA (e.g. dinov2-b, effnet-lite0); empty = the one in the cache")
-    weights: str = param("", "local weights of the online teacher (empty = the registry default)")
-
-
-@dataclass
-class DataConfig:
-    """The latent cache and the VAE it was made with."""
-
-    cache: str = param("", "latent cache folder written by `sendvae cache-latents` (required)")
-    vae: str = param("", "VAE the cache was made with (checked by fingerprint); empty = the path in the manifest")
-    images: str = param("", "image data joined by index for online REPA; empty = the data in the manifest")
-
-
-@dataclass
-class OptimConfig:
-    """AdamW (REPA / REPA-E defaults)."""
-
-    lr: float = param(1e-4, "AdamW learning rate (constant)", min=0.0)
-    beta1: float = param(0.9, "AdamW beta1", min=0.0, max=1.0)
-    beta2: float = param(0.999, "AdamW beta2", min=0.0, max=1.0)
-    weight_decay: float = param(0.0, "AdamW weight decay", min=0.0)
-    eps: float = param(1e-8, "AdamW epsilon", min=0.0)
-
-
-def _default_loop() -> LoopConfig:
-    return LoopConfig(total_images=64_000, batch_size=64, ema_decay=0.9999, grad_clip=1.0)
-
-
-@dataclass
-class TrainSiTConfig:
-    """Options of ``sendvae train-sit`` (SPEC.md section 4)."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    transport: TransportConfig = field(default_factory=TransportConfig)
-    repa: RepaConfig = field(default_factory=RepaConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: LoopConfig = field(default_factory=_default_loop)
 
 
 # --------------------------------------------------------------------------------------------------

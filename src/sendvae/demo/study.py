@@ -66,14 +66,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from sendvae.config import (
-    from_dict,
-    load_config,
-    param,
-    parse_overrides,
-    to_dict,
-    validate,
-)
+from sendvae.config import load_config, to_dict, validate
+from sendvae.demo.config import ALIGNED, SCALES, VARIANT_PRESETS, DemoConfig, demo_config
 from sendvae.errors import UserError
 from sendvae.progress import bars_enabled
 
@@ -81,14 +75,6 @@ log = logging.getLogger(__name__)
 
 DONE = "done.json"
 CONFIG_FILE = "demo_config.yaml"
-SCALES = ("smoke", "default", "full")
-ALIGNED = ("vf", "sendvae", "sendvae-nonoise")
-VARIANT_PRESETS = {  # variant -> its stage-1 preset in configs/shapes
-    "none": "none",
-    "vf": "vf",
-    "sendvae": "sendvae",
-    "sendvae-nonoise": "sendvae_nonoise",
-}
 VARIANT_LABELS = {
     "base": "base VAE (no fine-tune)",
     "none": "fine-tune, no alignment",
@@ -96,100 +82,6 @@ VARIANT_LABELS = {
     "sendvae": "Send-VAE (mapper + noise)",
     "sendvae-nonoise": "Send-VAE without noise",
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration: the three scales
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DemoConfig:
-    """Everything that fixes the demo's results (written to ``OUT/demo_config.yaml``)."""
-
-    scale: str = param("default", "the preset these values started from", choices=SCALES)
-    seed: int = param(0, "seed of the data, initialisations, batch order, probes and samples", min=0)
-    resolution: int = param(32, "image side: 32 (f4 VAE) or 64 (f8 VAE); the latent grid is 8x8 in both", choices=(32, 64))
-    n_train: int = param(12_000, "rendered training images (VAEs, probe-train, classifier, SiT)", min=64)
-    n_test: int = param(3_000, "held-out test images, drawn with another seed (probe-test, metrics)", min=32)
-    vae_preset: str = param("", "VAE architecture; empty = tiny-f4c4 at 32 px, tiny-f8c4 at 64 px")
-    presets: str = param("", "folder of the stage presets (base.yaml, none.yaml, vf.yaml, sendvae.yaml, "
-                             "sit_tiny.yaml); empty = configs/shapes of this checkout")
-    teacher: str = param("effnet-lite0", "frozen teacher (sendvae.models.teachers); its grid is set to the latent grid")
-    precision: str = param("bf16", "training precision (bf16 autocast with fp32 master weights)", choices=("fp32", "bf16"))
-    threads: int = param(2, "torch threads (0 = leave torch's setting)", min=0)
-    batch_size: int = param(32, "VAE batch size (base and fine-tunes); the pilot used 64, see the module docstring", min=2)
-    base_steps: int = param(500, "base VAE optimiser steps", min=1)
-    base_lr: float = param(5e-4, "base VAE AdamW learning rate", min=0.0)
-    finetune_steps: int = param(300, "optimiser steps of every fine-tune (the same budget for each variant)", min=1)
-    finetune_lr: float = param(2e-4, "fine-tune AdamW learning rate", min=0.0)
-    align_weight: float = param(1.0, "lambda_align of the aligned variants", min=0.0)
-    variants: list[str] = param(["none", "vf", "sendvae"], "fine-tune variants (none, vf, sendvae, sendvae-nonoise)")
-    finetune_seeds: int = param(1, "fine-tune seeds per variant (all from the one base VAE)", min=1)
-    stats_images: int = param(1000, "images used for the latent statistics at each VAE export", min=16)
-    log_every_steps: int = param(10, "steps between metrics.jsonl rows (the loss curves)", min=1)
-    checkpoint_every_steps: int = param(200, "steps between checkpoints (resume points)", min=1)
-    probe_train: int = param(6000, "probe-train images (the first of the train set; 0 = all)", min=0)
-    probe_references: list[str] = param(["pixels", "random-vae"], "reference rows: pixels, random-vae, teacher")
-    reference_pca_dim: int = param(256, "PCA the reference rows to this many dims (0 = never)", min=0)
-    probe_max_iter: int = param(150, "L-BFGS iterations per L2 value of each probe", min=1)
-    classifier_steps: int = param(250, "training steps of the evaluation classifier", min=1)
-    classifier_batch: int = param(64, "batch size of the evaluation classifier", min=2)
-    generation: bool = param(True, "run stage 2 (latent cache, SiT + REPA, sampling, generation metrics)")
-    generation_smoke: bool = param(True, "label the generation results as a smoke run (too short to judge)")
-    sit_variants: list[str] = param(["none", "sendvae"], "variants (seed 0) that get a SiT")
-    sit_preset: str = param("SiT-T/2", "SiT size/patch (patch 2 on the 8x8 latent: 16 tokens)")
-    sit_projector_dim: int = param(512, "hidden width of the SiT's REPA projector (2048 would dominate a tiny SiT)", min=1)
-    sit_steps: int = param(120, "SiT optimiser steps", min=1)
-    sit_images: int = param(4000, "training images whose latents the SiT learns (the first of the train set; 0 = all)", min=0)
-    sit_batch_size: int = param(128, "SiT batch size", min=2)
-    sit_lr: float = param(3e-4, "SiT AdamW learning rate", min=0.0)
-    repa_weight: float = param(0.5, "lambda of the REPA loss (teacher tokens on the SiT token grid)", min=0.0)
-    num_samples: int = param(300, "class-balanced samples per SiT and guidance setting", min=12)
-    recon_images: int = param(1000, "test images for PSNR / SSIM / LPIPS (the first of the test set; 0 = all)", min=0)
-    fd_images: int = param(0, "reconstructed test images in FD(recon, real); 0 = num_samples (as many as FD(gen))", min=0)
-    sampler: str = param("euler", "euler | heun (ODE) | sde", choices=("euler", "heun", "sde"))
-    sample_steps: int = param(30, "sampler steps", min=2)
-    cfg_scale: float = param(4.0, "classifier-free guidance scale of the guided samples (the others use 1)", min=1.0)
-
-    def check(self) -> None:
-        unknown = [v for v in self.variants if v not in VARIANT_PRESETS]
-        if unknown or not self.variants:
-            raise UserError(f"variants: {unknown or self.variants} not among {list(VARIANT_PRESETS)}")
-        missing = [v for v in self.sit_variants if v not in self.variants]
-        if missing:
-            raise UserError(f"sit_variants: {missing} are not fine-tuned (variants: {self.variants})")
-        bad = [r for r in self.probe_references if r not in ("pixels", "random-vae", "teacher")]
-        if bad:
-            raise UserError(f"probe_references: {bad} not among ['pixels', 'random-vae', 'teacher']")
-        if self.num_samples < 2 * 6:
-            raise UserError(f"num_samples: {self.num_samples} is too few for 6 classes (need >= 12)")
-
-
-def demo_config(scale: str = "default", seed: int = 0, resolution: int = 32, overrides: Sequence[str] = ()) -> DemoConfig:
-    """The settings of ``scale`` (smoke | default | full), then ``key=value`` overrides."""
-    if scale not in SCALES:
-        raise UserError(f"demo scale {scale!r} is not one of {list(SCALES)}")
-    values: dict[str, Any] = {"scale": scale, "seed": seed, "resolution": resolution}
-    if scale == "smoke":  # the smallest end-to-end run (CI): every step, a few dozen steps each
-        values.update(
-            n_train=600, n_test=200, batch_size=16, base_steps=24, finetune_steps=8, stats_images=64,
-            log_every_steps=4, checkpoint_every_steps=1000, probe_train=0, probe_max_iter=20,
-            classifier_steps=12, classifier_batch=32, sit_steps=8, sit_batch_size=32, sit_images=0, num_samples=24,
-            sample_steps=4, generation_smoke=True,
-        )
-    elif scale == "full":  # PILOT.md "--full": about an hour on 2 idle cores
-        values.update(
-            n_train=20_000, n_test=5_000, batch_size=64, base_steps=1500, finetune_steps=400, finetune_seeds=2,
-            probe_train=10_000, recon_images=0,
-            variants=["none", "vf", "sendvae", "sendvae-nonoise"], probe_references=["pixels", "random-vae", "teacher"],
-            classifier_steps=600, classifier_batch=128, sit_variants=["none", "vf", "sendvae"], sit_steps=2000,
-            sit_images=0, num_samples=2000, sample_steps=40, generation_smoke=False, checkpoint_every_steps=500,
-        )
-    data = to_dict(DemoConfig())
-    data.update(values)
-    data.update(parse_overrides(overrides))  # DemoConfig is flat: key=value replaces a top-level key
-    return from_dict(DemoConfig, data)
 
 
 # ----------------------------------------------------------------------------------------------
