@@ -410,9 +410,9 @@ class _Images(torch.utils.data.Dataset):
 
 def test_latent_stats_on_a_known_dataset():
     vae = _randomize(build_vae("tiny-f4c4"))
-    data = _Images(10, 32)
+    data = _Images(7, 32)
     with torch.no_grad():
-        posterior = vae.encode(data.images[:7].float() / 127.5 - 1)
+        posterior = vae.encode(data.images.float() / 127.5 - 1)
     z, s = posterior.mean.double(), posterior.std.double()
     mean, std = compute_latent_stats(vae, data, num_images=7, batch_size=3, latent="mean")
     torch.testing.assert_close(mean, z.mean(dim=(0, 2, 3)).float(), atol=1e-5, rtol=1e-5)
@@ -430,6 +430,23 @@ def test_latent_stats_on_a_known_dataset():
     torch.testing.assert_close(post_std, draws.std(dim=(0, 2, 3)), atol=0, rtol=0.02)
     with pytest.raises(UserError, match="posterior, mean or sample"):
         compute_latent_stats(vae, data, num_images=7, latent="mode")
+
+
+def test_latent_stats_draw_from_the_whole_dataset_not_its_first_images():
+    """A class-sorted store: the first half dark, the second half bright. Statistics on half of the
+    images must describe both halves (a random subset), not the first half's (a prefix)."""
+    vae = _randomize(build_vae("tiny-f4c4"))
+    data = _Images(64, 16)
+    data.images[:32] = data.images[:32] // 16
+    data.images[32:] = 255 - data.images[32:] // 16
+
+    def stats(dataset, n, seed=0):
+        return torch.cat(compute_latent_stats(vae, dataset, num_images=n, latent="mean", subset_seed=seed))
+
+    whole, drawn = stats(data, 64), stats(data, 32)
+    first_half = stats(torch.utils.data.Subset(data, range(32)), 32)
+    assert (drawn - whole).norm() < 0.3 * (first_half - whole).norm()
+    assert not torch.equal(stats(data, 32, seed=1), drawn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,11 +482,11 @@ def test_cli_stats_writes_a_folder_carrying_the_statistics(tmp_path):
 
     vae = _randomize(build_vae("tiny-f4c4"))
     save_vae(vae, tmp_path / "base")
-    code = main(["vae", "stats", str(tmp_path / "base"), "--data", "shapes:12", "--num-images", "10",
+    code = main(["vae", "stats", str(tmp_path / "base"), "--data", "shapes:10", "--num-images", "10",
                  "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "with-stats")])
     assert code == 0
     loaded = load_vae(tmp_path / "with-stats")
-    images = torch.stack([open_image_dataset("shapes:12", 32)[i]["image"] for i in range(10)])
+    images = torch.stack([open_image_dataset("shapes:10", 32)[i]["image"] for i in range(10)])
     with torch.no_grad():
         posterior = vae.encode(images.float() / 127.5 - 1)
     z, s = posterior.mean.double(), posterior.std.double()
@@ -477,8 +494,9 @@ def test_cli_stats_writes_a_folder_carrying_the_statistics(tmp_path):
     sample_std = (z.var(dim=(0, 2, 3), unbiased=False) + s.pow(2).mean(dim=(0, 2, 3))).sqrt().float()
     torch.testing.assert_close(loaded.latent_std, sample_std, atol=1e-5, rtol=1e-5)
     record = json.loads((tmp_path / "with-stats" / "latent_stats.json").read_text())
-    assert record["num_images"] == 10 and record["data"] == "shapes:12" and record["latent"] == "posterior"
-    assert main(["vae", "stats", str(tmp_path / "base"), "--data", "shapes:12", "--num-images", "10",
+    assert record["num_images"] == 10 and record["data"] == "shapes:10" and record["latent"] == "posterior"
+    assert record["seed"] == 0
+    assert main(["vae", "stats", str(tmp_path / "base"), "--data", "shapes:10", "--num-images", "10",
                  "--device", "cpu", "--latent", "mean", "--out", str(tmp_path / "of-means")]) == 0
     means_only = load_vae(tmp_path / "of-means")
     torch.testing.assert_close(means_only.latent_std, z.std(dim=(0, 2, 3), unbiased=False).float(), atol=1e-5,

@@ -97,11 +97,12 @@ Example:
     export.set_defaults(func=run_export)
 
     stats = add_command(actions, "stats", "compute per-channel latent mean and std on a dataset", f"""\
-Encode N images of a dataset and compute the per-channel mean and std of the raw latent over all
-images and positions. By default they describe the posterior samples z = mean + std * eps that stage 2
-trains on (computed exactly from the posterior moments); --latent mean uses the posterior means only,
---latent sample one drawn sample per image. Prints them; with --out, writes a sendvae VAE folder
-carrying them (latent_stats.json), which every later stage applies at load time
+Encode N images drawn at random from the whole dataset (seeded by --seed; image stores are sorted by
+class, so a prefix would miss most classes) and compute the per-channel mean and std of the raw latent
+over all images and positions. By default they describe the posterior samples z = mean + std * eps
+that stage 2 trains on (computed exactly from the posterior moments); --latent mean uses the posterior
+means only, --latent sample one drawn sample per image. Prints them; with --out, writes a sendvae VAE
+folder carrying them (latent_stats.json), which every later stage applies at load time
 (normalize(z) = (z - mean) / std).
 
 SPEC is an image store folder made by `sendvae data prepare`, or shapes:N for N procedural images.
@@ -121,7 +122,7 @@ Example:
     stats.add_argument("--out", metavar="FOLDER", help="write a sendvae VAE folder carrying the statistics")
     stats.add_argument("--latent", choices=("posterior", "mean", "sample"), default="posterior",
                        help="statistics of: posterior samples, exactly (default), posterior means, or drawn samples")
-    stats.add_argument("--seed", type=int, default=0, help="seed of the drawn samples (with --latent sample)")
+    stats.add_argument("--seed", type=int, default=0, help="seed of the image subset and of the drawn samples")
     stats.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     stats.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
     stats.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
@@ -207,14 +208,14 @@ def run_stats(args: argparse.Namespace) -> int:
     generator = torch.Generator(device).manual_seed(args.seed) if args.latent == "sample" else None
     mean, std = compute_latent_stats(vae, dataset, args.num_images, batch_size=args.batch_size,
                                      latent=args.latent, generator=generator, autocast_bf16=args.bf16,
-                                     num_workers=args.workers)
+                                     num_workers=args.workers, subset_seed=args.seed)
     print("channel  mean  std")
     for c, (m, s) in enumerate(zip(mean.tolist(), std.tolist())):
         print(f"  {c:3d}  {m:+.5f}  {s:.5f}")
     if args.out:
         vae.set_latent_stats(mean, std, info={
             "data": args.data, "num_images": min(args.num_images, len(dataset)), "resolution": resolution,
-            "latent": args.latent})
+            "latent": args.latent, "seed": args.seed})
         out = save_vae(vae.to("cpu"), args.out)
         print(f"wrote sendvae VAE folder {out} with these statistics")
     return 0

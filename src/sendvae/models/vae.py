@@ -959,11 +959,16 @@ def compute_latent_stats(
     generator: torch.Generator | None = None,
     autocast_bf16: bool = False,
     num_workers: int = 0,
+    subset_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the raw latent over the first ``num_images`` images.
+    """Per-channel mean and std of the raw latent over ``num_images`` images drawn from the whole dataset.
 
     ``data`` is a Dataset of items ``{"image": uint8 [3, H, W], ...}`` (or a DataLoader of such
-    batches). ``latent`` says which latent the statistics describe:
+    batches, read in its own order). From a Dataset the images are a random subset without
+    replacement drawn by a generator seeded with ``subset_seed`` (read in index order), never its
+    first ``num_images``: stores are sorted by class folder, so a prefix of 10,000 ImageNet images
+    would hold about 8 classes (LightningDiT measures random latents, REPA-E's BatchNorm running
+    statistics see shuffled batches). ``latent`` says which latent the statistics describe:
 
     - ``posterior`` (default): the posterior samples ``z = mean + std * eps`` that stage 2 trains on
       (the latent cache keeps the moments and draws z each step, as REPA does), computed exactly from the
@@ -986,8 +991,9 @@ def compute_latent_stats(
         if num_images > available:
             logger.warning("the dataset has %d images, fewer than the %d asked for; using all", available, num_images)
             num_images = available
-        loader: Iterable[Any] = DataLoader(Subset(data, range(num_images)), batch_size=batch_size, shuffle=False,
-                                           num_workers=num_workers)
+        chosen = torch.randperm(available, generator=torch.Generator().manual_seed(subset_seed))[:num_images]
+        loader: Iterable[Any] = DataLoader(Subset(data, chosen.sort().values.tolist()), batch_size=batch_size,
+                                           shuffle=False, num_workers=num_workers)
     else:
         loader = data
     device = vae.latent_mean.device

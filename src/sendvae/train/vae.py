@@ -197,10 +197,11 @@ class VAEStage:
 
 
 def latent_stats(vae: VAE, data: torch.utils.data.Dataset, cfg: TrainVAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel latent mean/std on the first ``model.stats_images`` training images (of the posterior
-    samples that stage 2 trains on; :func:`sendvae.models.vae.compute_latent_stats`)."""
+    """Per-channel latent mean/std on ``model.stats_images`` training images drawn at random (seeded by
+    ``train.seed``) from the whole dataset, of the posterior samples that stage 2 trains on
+    (:func:`sendvae.models.vae.compute_latent_stats`)."""
     return compute_latent_stats(vae, data, cfg.model.stats_images, batch_size=min(64, cfg.model.stats_images),
-                                autocast_bf16=cfg.train.precision == "bf16")
+                                autocast_bf16=cfg.train.precision == "bf16", subset_seed=cfg.train.seed)
 
 
 def initial_vae(cfg: TrainVAEConfig) -> VAE:

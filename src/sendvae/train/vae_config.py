@@ -15,7 +15,8 @@ class ModelConfig:
                                    "diffusers folder, LDM checkpoint)")
     stats: str = param("", "latent statistics: empty = the VAE's own; a file (latent_stats.json, REPA-E "
                            "*-latents-stats.pt); 'compute' = measure them on the training data before training")
-    stats_images: int = param(2000, "images used whenever latent statistics are computed", min=1)
+    stats_images: int = param(2000, "images used whenever latent statistics are computed (a random subset of "
+                              "the whole dataset, seeded by train.seed)", min=1)
     export_stats: bool = param(True, "recompute the latent statistics of the published RUN/vae at each export")
     sample_posterior: bool = param(True, "z = a posterior sample (REPA-E); false = the posterior mean")
 
