@@ -179,6 +179,19 @@ def test_presets_load_and_hold_the_paper_recipe() -> None:
     assert load_config(TrainVAEConfig, ROOT / "configs/shapes/sendvae_nonoise.yaml").alignment.noise is False
 
 
+@pytest.mark.parametrize("folder, suffix", [("shapes", ""), ("imagenet256", "_vavae_f16c32")])
+def test_depth_ablation_presets_run_without_noise(folder: str, suffix: str) -> None:
+    """The paper's mapper-depth ablation (Table 2) runs without noise injection: its depth-1 row is
+    Table 3's no-noise row. So each depth preset is the no-noise preset with another depth."""
+    nonoise = load_config(TrainVAEConfig, ROOT / f"configs/{folder}/sendvae_nonoise{suffix}.yaml")
+    assert nonoise.alignment.noise is False and nonoise.alignment.mapper_depth == 1
+    for depth in (0, 2):
+        preset = load_config(TrainVAEConfig, ROOT / f"configs/{folder}/sendvae_depth{depth}{suffix}.yaml")
+        assert preset.alignment.mapper_depth == depth
+        preset.alignment.mapper_depth = 1
+        assert preset == nonoise
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     """torchrun with 2 gloo processes (micro-batch 8) against 1 process (batch 16), deterministic settings
