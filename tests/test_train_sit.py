@@ -181,6 +181,32 @@ def test_online_teacher_gives_the_cached_tokens(cache):
     assert torch.isfinite(loss) and set(logs) == {"denoise", "repa"}
 
 
+def test_flip_prob_sets_how_often_the_h_flip_is_drawn(cache):
+    """data.flip_prob: 0 (REPA / REPA-E, the ImageNet presets) never trains on the flipped view, 1 always;
+    the flip draw consumes the step's generator the same way whatever the probability, so the other
+    draws (posterior eps, t, noise, label drop) stay those of (seed, images seen)."""
+    _, cache_dir = cache
+    _, data = build_sit_stage(config(cache_dir))
+    batch = torch.utils.data.default_collate([data[i] for i in range(16)])
+    ctx = StepContext(device=torch.device("cpu"), rank=0, world=1, images_seen=48, step=3,
+                      generator=torch.Generator(), precision="fp32")
+    draws, prepared = {}, {}
+    for p in (0.0, 0.5, 1.0):
+        stage, _ = build_sit_stage(config(cache_dir, **{"data.flip_prob": p}))
+        draws[p] = stage.draws(16, tuple(batch["mean"].shape[2:]), ctx)
+        prepared[p] = stage.prepare_batch(batch, ctx)
+    assert draws[0.0]["flip"].sum() == 0 and draws[1.0]["flip"].sum() == 16
+    assert 0 < draws[0.5]["flip"].sum() < 16
+    for key in ("eps", "t", "noise", "drop"):
+        assert torch.equal(draws[0.0][key], draws[1.0][key])
+    for view, p in ((0, 0.0), (1, 1.0)):
+        eps = draws[p]["eps"]
+        torch.testing.assert_close(prepared[p]["latent"], batch["mean"][:, view] + batch["std"][:, view] * eps)
+        assert torch.equal(prepared[p]["teacher"], batch["teacher"][:, view].float())
+    root = Path(__file__).resolve().parents[1] / "configs" / "imagenet256"
+    assert [load_config(TrainSiTConfig, path).data.flip_prob for path in sorted(root.glob("sit_*.yaml"))] == [0.0, 0.0]
+
+
 def test_repa_off_trains_a_plain_sit(cache, tmp_path):
     _, cache_dir = cache
     stage, _ = build_sit_stage(config(cache_dir, **{"repa.weight": 0}))

@@ -2,8 +2,8 @@
 
 One step, per micro-batch of cached posteriors (:mod:`sendvae.data.latents`):
 
-1. choose the image or its h-flip and draw ``z = mean + std * eps`` (already normalised with the
-   VAE's latent statistics);
+1. choose the image or, with probability ``data.flip_prob`` (0 in REPA / REPA-E, the default), its
+   h-flip and draw ``z = mean + std * eps`` (already normalised with the VAE's latent statistics);
 2. draw ``t`` (uniform | lognormal | logit-normal, optional shift; :func:`sendvae.transport.sample_time`)
    and ``noise``; ``z_t = (1 - t) z + t noise`` (t = 1 is noise);
 3. drop labels to the null class with probability 0.1 (classifier-free guidance);
@@ -112,7 +112,7 @@ class SiTStage:
         g.manual_seed(seed_for(self.cfg.train.seed, 0, ctx.images_seen, _DRAW_STREAM))
         tr = self.cfg.transport
         every = {
-            "flip": (torch.rand(total, generator=g, device=device) < 0.5).long(),
+            "flip": (torch.rand(total, generator=g, device=device) < self.cfg.data.flip_prob).long(),
             "eps": torch.randn((total, *latent_shape), generator=g, device=device),
             "t": sample_time(total, tr.time_sampling, generator=g, device=device, mean=tr.time_mean,
                              std=tr.time_std, shift=tr.time_shift),

@@ -57,6 +57,8 @@ class DataConfig:
     cache: str = param("", "latent cache folder written by `sendvae cache-latents` (required)")
     vae: str = param("", "VAE the cache was made with (checked by fingerprint); empty = the path in the manifest")
     images: str = param("", "image data joined by index for online REPA; empty = the data in the manifest")
+    flip_prob: float = param(0.0, "probability of training on an image's horizontal flip (the cache holds both); "
+                             "0 = REPA / REPA-E's protocol, no flips", min=0.0, max=1.0)
 
 
 @dataclass
