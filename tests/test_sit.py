@@ -264,3 +264,189 @@ def test_cpu_bf16_attention_path_matches_fused_sdpa():
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, rtol=0.03, atol=0.03)
     torch.testing.assert_close(attention(q, k, v), ref)  # float32: the fused kernel itself
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture options (pos / mlp / norm / qk_norm) and the LightningDiT presets
+# --------------------------------------------------------------------------------------------------
+
+OPTIONS = [
+    {"pos": "rope2d"}, {"mlp": "swiglu"}, {"norm": "rmsnorm"}, {"qk_norm": True},
+    {"qk_norm": True, "norm": "rmsnorm"}, {"pos": "rope2d", "mlp": "swiglu", "norm": "rmsnorm"},
+]
+
+
+def _lightningdit_xl1_layout() -> dict[str, tuple[int, ...]]:
+    """The key set of LightningDiT-XL/1 on 32x16x16 latents (RoPE, SwiGLU, RMSNorm), written out from its layout."""
+    d, c, hidden, head_dim = 1152, 32, 3072, 72
+    keys = {
+        "pos_embed": (1, 256, d), "feat_rope.freqs_cos": (256, head_dim), "feat_rope.freqs_sin": (256, head_dim),
+        "x_embedder.proj.weight": (d, c, 1, 1), "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (1001, d),
+        "final_layer.norm_final.weight": (d,),
+        "final_layer.linear.weight": (c, d), "final_layer.linear.bias": (c,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    }
+    for i in range(28):
+        b = f"blocks.{i}."
+        keys.update({
+            b + "norm1.weight": (d,), b + "norm2.weight": (d,),
+            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
+            b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
+            b + "mlp.w12.weight": (2 * hidden, d), b + "mlp.w12.bias": (2 * hidden,),
+            b + "mlp.w3.weight": (d, hidden), b + "mlp.w3.bias": (d,),
+            b + "adaLN_modulation.1.weight": (6 * d, d), b + "adaLN_modulation.1.bias": (6 * d,),
+        })
+    return keys
+
+
+def test_lightningdit_xl1_preset_has_the_lightningdit_key_set():
+    args = preset_args("LightningDiT-XL/1")
+    assert (args.pos, args.mlp, args.norm, args.qk_norm) == ("rope2d", "swiglu", "rmsnorm", False)
+    assert (args.depth, args.hidden_size, args.num_heads, args.patch_size) == (28, 1152, 16, 1)
+    assert _meta_shapes("LightningDiT-XL/1", input_size=16, in_channels=32) == _lightningdit_xl1_layout()
+
+
+def test_preset_overrides_replace_the_family_options():
+    args = preset_args("LightningDiT-T/1", pos="sincos")
+    assert (args.pos, args.mlp, args.norm) == ("sincos", "swiglu", "rmsnorm")
+    assert preset_args("SiT-T/1", mlp="swiglu").mlp == "swiglu"
+    with pytest.raises(UserError, match="norm='batchnorm'"):
+        SiT(preset_args("SiT-T/1", norm="batchnorm"))
+
+
+def test_rmsnorm_matches_its_formula():
+    model = _randomise(build_sit("SiT-T/1", input_size=4, norm="rmsnorm"))
+    norm = model.blocks[0].norm1
+    x = torch.randn(2, 16, 128) * 3 + 1
+    ref = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(norm(x), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(norm.weight, torch.ones(128))  # the learnt scale is applied, not just ones
+    assert build_sit("SiT-T/1", input_size=4, norm="rmsnorm").final_layer.norm_final.weight.eq(1).all()
+
+
+def test_swiglu_matches_explicit_gated_mlp():
+    model = _randomise(build_sit("SiT-T/1", input_size=4, mlp="swiglu"))
+    mlp = model.blocks[1].mlp
+    h = 2 * 512 // 3  # two thirds of the GELU MLP's 4 x 128
+    w1, w2 = mlp.w12.weight[:h], mlp.w12.weight[h:]
+    b1, b2 = mlp.w12.bias[:h], mlp.w12.bias[h:]
+    x = torch.randn(2, 16, 128)
+    ref = (F.silu(x @ w1.T + b1) * (x @ w2.T + b2)) @ mlp.w3.weight.T + mlp.w3.bias
+    torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-6)
+    assert mlp.w3.weight.shape == (128, h)
+
+
+def test_qk_norm_matches_timm_attention_with_qk_norm():
+    """qk_norm=True is timm's Attention(qk_norm=True) (the REPA SiT's option): same keys, same output."""
+    model = _randomise(build_sit("SiT-T/1", input_size=4, qk_norm=True))
+    attn = model.blocks[0].attn
+    ref = TimmAttention(128, num_heads=4, qkv_bias=True, qk_norm=True, norm_layer=torch.nn.LayerNorm)
+    ref.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 16, 128)
+    torch.testing.assert_close(attn(x), ref(x), rtol=1e-5, atol=1e-5)
+    # with norm=rmsnorm the heads get RMSNorm (LightningDiT): only a scale, no bias
+    rms = build_sit("SiT-T/1", input_size=4, qk_norm=True, norm="rmsnorm").blocks[0].attn
+    assert set(rms.q_norm.state_dict()) == {"weight"} and rms.q_norm.weight.shape == (32,)
+
+
+def _complex_rope(x: torch.Tensor, grid: int, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE written directly: pair j of token (r, c) times exp(i r w_j) (first half) or exp(i c w_j') (second)."""
+    n, head_dim = x.shape[-2], x.shape[-1]
+    quarter = head_dim // 4
+    z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], head_dim // 2, 2).contiguous())
+    angles = torch.zeros(n, head_dim // 2, dtype=torch.float64)
+    for token in range(n):
+        r, c = divmod(token, grid)
+        for j in range(head_dim // 2):
+            position, k = (r, j) if j < quarter else (c, j - quarter)
+            angles[token, j] = position * theta ** (-k / quarter)
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).flatten(-2).to(x.dtype)
+
+
+def test_rope_matches_the_complex_number_formulation():
+    model = build_sit("SiT-T/1", input_size=6, pos="rope2d", num_heads=8)  # head width 16, 6x6 tokens
+    x = torch.randn(2, 8, 36, 16)
+    torch.testing.assert_close(model.feat_rope(x), _complex_rope(x, grid=6), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_makes_scores_depend_on_the_relative_offset_only():
+    rope = build_sit("SiT-T/1", input_size=5, pos="rope2d").feat_rope  # head width 32, 5x5 tokens
+    q0, k0 = torch.randn(32, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    rope = rope.double()
+    q, k = rope(q0.expand(1, 1, 25, 32)), rope(k0.expand(1, 1, 25, 32))
+    scores = (q @ k.transpose(-2, -1))[0, 0]
+    by_offset: dict[tuple[int, int], list[float]] = {}
+    for m in range(25):
+        for n in range(25):
+            (rm, cm), (rn, cn) = divmod(m, 5), divmod(n, 5)
+            by_offset.setdefault((rm - rn, cm - cn), []).append(scores[m, n].item())
+    for offset, values in by_offset.items():
+        assert max(values) - min(values) < 1e-5, offset  # the angles' cos / sin are stored in float32
+    assert by_offset[(0, 0)][0] == pytest.approx((q0 @ k0).item(), rel=1e-5)  # the same position: no change
+    firsts = [values[0] for values in by_offset.values()]
+    assert max(firsts) - min(firsts) > 0.1  # and the offset does matter
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_option_forward_backward_and_run_folder_round_trip(options, tmp_path):
+    from sendvae.train.sit import load_sit_run, save_sit_folder
+
+    model = _randomise(build_sit("SiT-T/1", input_size=4, num_classes=5, teacher_dims=[24], **options))
+    x, t, y = torch.randn(3, 4, 4, 4), torch.rand(3), torch.tensor([0, 4, 5])
+    v, (tokens,) = model(x, t, y, return_tokens=True)
+    assert v.shape == x.shape and tokens.shape == (3, 16, 24)
+    (v.square().mean() + tokens.square().mean()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # the options are read back from the weights alone and from a run folder
+    inferred = infer_args(model.state_dict(), num_heads=4, encoder_depth=2)
+    assert inferred == model.args
+    save_sit_folder(tmp_path / "sit", model, model, {"num_classes": 5})
+    run = load_sit_run(tmp_path)
+    assert run.model.args == model.args
+    torch.testing.assert_close(run.model(x, t, y), v.detach())
+
+
+def test_lightningdit_checkpoint_loads_in_the_sit_convention(tmp_path):
+    """A LightningDiT-layout checkpoint (t = 0 noise, no projector) loads with its options and convention."""
+    raw = _randomise(build_sit("LightningDiT-T/1", input_size=4, num_heads=8, num_classes=5))
+    state = raw.state_dict()
+    torch.save({"model": state, "ema": state, "opt": {}, "config": {"model": {"model_type": "tiny"}}},
+               tmp_path / "0080000.pt")
+    model = load_sit(tmp_path / "0080000.pt")
+    args = model.args
+    assert (args.pos, args.mlp, args.norm, args.convention) == ("rope2d", "swiglu", "rmsnorm", "sit")
+    assert args.num_heads == 8 and args.mlp_ratio == 4.0  # heads from the RoPE buffer's head width
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([0.2, 0.7]), torch.tensor([3, 5])
+    torch.testing.assert_close(model(x, t, y), -raw(x, 1 - t, y))
+    shift_free = {**state, "blocks.0.adaLN_modulation.1.weight": torch.zeros(4 * 128, 128)}
+    with pytest.raises(UserError, match="wo_shift"):
+        infer_args(shift_free)
+
+
+def test_load_sit_asks_for_encoder_depth_when_the_default_exceeds_the_depth(tmp_path):
+    """Issue 14: a 2-block REPA SiT without encoder_depth is a UserError naming the argument, not a ValueError."""
+    ref = _randomise(SiT(SiTArgs(input_size=4, hidden_size=64, depth=2, num_heads=4, teacher_dims=[8],
+                                 projector_dim=16, encoder_depth=1)))
+    path = tmp_path / "shallow.pt"
+    _save_torch(path, ref.state_dict())
+    with pytest.raises(UserError, match=r"encoder_depth=K .* \[1, 2\]"):
+        load_sit(path, num_heads=4)
+    with pytest.raises(UserError, match="encoder_depth=3"):
+        load_sit(path, num_heads=4, encoder_depth=3)
+    model = load_sit(path, num_heads=4, encoder_depth=1)
+    x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([0, 1])
+    torch.testing.assert_close(model(x, t, y, True)[1][0], ref(x, t, y, True)[1][0])
+
+
+def test_forward_flops_of_a_lightningdit_preset_match_torch_flop_counter(monkeypatch):
+    args = preset_args("LightningDiT-T/2", input_size=16, teacher_dims=[32], num_classes=10)
+    model = _randomise(SiT(args))
+    x, t, y = torch.randn(3, 4, 16, 16), torch.rand(3), torch.tensor([1, 2, 3])
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _math_attention)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, t, y, return_tokens=True)
+    assert forward_flops(args) * 3 == counter.get_total_flops()

@@ -19,6 +19,24 @@ State dicts use the key names and shapes of the official SiT, REPA and REPA-E mo
 ``blocks.N.attn.proj``, ``blocks.N.mlp.fc1/fc2``, ``blocks.N.adaLN_modulation.1``, ``final_layer.linear``,
 ``final_layer.adaLN_modulation.1``, ``projectors.K.0/2/4``, the ``pos_embed`` buffer, REPA-E's
 ``bn.*`` latent statistics), so their released weights load with :func:`load_sit`.
+
+Architecture options (:class:`SiTArgs`; the defaults are the REPA / REPA-E SiT above), each the
+choice of LightningDiT (Yao et al. 2025, ``hustvl/LightningDiT`` ``models/lightningdit.py``), whose
+key names they keep so its checkpoints load too:
+
+- ``pos="rope2d"``: a 2-D rotary embedding of queries and keys in every block (RoPE, Su et al. 2021, in
+  the axial 2-D form of EVA-02), on top of the fixed sin-cos embedding (LightningDiT keeps both);
+  buffers ``feat_rope.freqs_cos/freqs_sin``.
+- ``mlp="swiglu"``: ``W3 (silu(W1 x) * W2 x)`` (Shazeer 2020) with two thirds of the GELU MLP's hidden
+  width, so the same parameter count; keys ``mlp.w12`` (W1 and W2 stacked) and ``mlp.w3``.
+- ``norm="rmsnorm"``: RMSNorm with a learnt scale (Zhang & Sennrich 2019) in place of the LayerNorms of
+  the blocks, the final layer and (with ``qk_norm``) the queries and keys; keys ``blocks.N.norm1/norm2``,
+  ``final_layer.norm_final``, ``blocks.N.attn.q_norm/k_norm``.
+- ``qk_norm``: a norm on each head's queries and keys before attention (timm's affine LayerNorm, or
+  RMSNorm with ``norm="rmsnorm"``).
+
+The ``LightningDiT-*`` presets turn on RoPE, SwiGLU and RMSNorm (LightningDiT's released XL/1 recipe,
+QK-norm off). LightningDiT's checkpoints are trained with t = 0 as noise: they load with ``convention="sit"``.
 """
 
 from __future__ import annotations
@@ -31,7 +49,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +61,9 @@ from sendvae.pickles import pickle_refusal
 log = logging.getLogger(__name__)
 
 Convention = Literal["repa", "sit"]
+PositionKind = Literal["sincos", "rope2d"]
+MlpKind = Literal["gelu", "swiglu"]
+NormKind = Literal["layernorm", "rmsnorm"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,6 +103,37 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
         raise ValueError(f"2D sin-cos embedding needs a width divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()
+
+
+class RotaryEmbedding2D(nn.Module):
+    """2-D rotary position embedding of queries or keys (RoPE, Su et al. 2021; EVA-02's axial 2-D form).
+
+    Each head's channels are read in adjacent pairs ``(2j, 2j + 1)`` as complex numbers
+    ``x_2j + i x_2j+1`` and multiplied by ``exp(i p w_k)``: the first half of the pairs turn with the
+    token's row index, the second half with its column index, at ``w_k = theta^(-k / (head_dim / 4))``,
+    k = 0 .. head_dim/4 - 1. Turning q and k by their tokens' positions makes ``q . k`` depend on the
+    positions only through their offset. The angles' cosines and sines are the buffers ``freqs_cos`` and
+    ``freqs_sin`` [grid*grid, head_dim] (each angle written for both channels of its pair): the names,
+    layout and values of LightningDiT's ``feat_rope``.
+    """
+
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 4:
+            raise UserError(f"2-D rotary embedding needs a head width divisible by 4, got {head_dim}")
+        quarter = head_dim // 4
+        omega = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        angles = torch.cat([rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega], dim=1)
+        angles = angles.repeat_interleave(2, dim=1)
+        self.register_buffer("freqs_cos", angles.cos().float(), persistent=True)
+        self.register_buffer("freqs_sin", angles.sin().float(), persistent=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Turn x [B, heads, grid*grid, head_dim] (tokens in row-major order) by its tokens' positions."""
+        pairs = x.unflatten(-1, (-1, 2))
+        quarter_turn = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # i * (a + i b)
+        return x * self.freqs_cos.to(x.dtype) + quarter_turn * self.freqs_sin.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,27 +220,46 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift.unsqueeze(1), x, scale.unsqueeze(1) + 1)
 
 
+def build_norm(kind: NormKind, dim: int, on_heads: bool = False) -> nn.Module:
+    """The normalisation ``kind`` over the last ``dim`` features.
+
+    ``layernorm``: in the blocks and the final layer without affine, eps 1e-6 (DiT / SiT, no state-dict
+    keys); on queries and keys (``on_heads``, for ``qk_norm``) timm's affine LayerNorm (eps 1e-5).
+    ``rmsnorm``: ``x / sqrt(mean(x^2) + 1e-6) * weight`` with ``weight`` starting at 1, everywhere
+    (LightningDiT).
+    """
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    if on_heads:
+        return nn.LayerNorm(dim)
+    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (keys ``attn.qkv``, ``attn.proj``).
 
     The qkv output is laid out [3, heads, head_dim] along the features, as in timm's ``Attention``.
+    With ``qk_norm`` each head's queries and keys are normalised (``attn.q_norm``, ``attn.k_norm``),
+    then turned by the rotary embedding when one is given (LightningDiT's order).
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False) -> None:
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, norm: NormKind = "layernorm") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = build_norm(norm, self.head_dim, on_heads=True) if qk_norm else nn.Identity()
+        self.k_norm = build_norm(norm, self.head_dim, on_heads=True) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding2D | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
         out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -205,42 +276,63 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class SiTBlock(nn.Module):
-    """adaLN-zero block: ``x += gate_a * attn(mod(LN(x)))``, ``x += gate_m * mlp(mod(LN(x)))``.
+class SwiGLU(nn.Module):
+    """Gated MLP ``W3 (silu(W1 x) * W2 x)`` (Shazeer 2020, "GLU Variants Improve Transformer").
 
-    ``adaLN_modulation`` (SiLU, Linear d -> 6d) maps the condition to the six shift/scale/gate vectors;
-    it starts at zero so each block starts as the identity (adaLN-zero).
+    ``w12`` holds W1 (first ``hidden`` outputs) and W2 (the rest) as one Linear, ``w3`` projects back:
+    LightningDiT's key names and layout.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.dim = dim
-        self.attn = Attention(dim, num_heads, qk_norm=qk_norm)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class SiTBlock(nn.Module):
+    """adaLN-zero block: ``x += gate_a * attn(mod(norm1(x)))``, ``x += gate_m * mlp(mod(norm2(x)))``.
+
+    ``adaLN_modulation`` (SiLU, Linear d -> 6d) maps the condition to the six shift/scale/gate vectors;
+    it starts at zero so each block starts as the identity (adaLN-zero). The norms, MLP and
+    position handling follow ``args.norm``, ``args.mlp`` and ``args.qk_norm`` (see the module docstring).
+    """
+
+    def __init__(self, args: SiTArgs) -> None:
+        super().__init__()
+        dim = args.hidden_size
+        self.norm1 = build_norm(args.norm, dim)
+        self.attn = Attention(dim, args.num_heads, qk_norm=args.qk_norm, norm=args.norm)
+        self.norm2 = build_norm(args.norm, dim)
+        mlp = SwiGLU if args.mlp == "swiglu" else Mlp
+        self.mlp = mlp(dim, mlp_hidden_size(args))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_act: torch.Tensor, rope: RotaryEmbedding2D | None = None) -> torch.Tensor:
         """``c_act`` is the condition after the SiLU (shared by all blocks, computed once)."""
         mod = self.adaLN_modulation[1](c_act)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
-        h = self.attn(modulate(F.layer_norm(x, (self.dim,), eps=1e-6), shift_a, scale_a))
+        h = self.attn(modulate(self.norm1(x), shift_a, scale_a), rope)
         x = torch.addcmul(x, gate_a.unsqueeze(1), h)
-        h = self.mlp(modulate(F.layer_norm(x, (self.dim,), eps=1e-6), shift_m, scale_m))
+        h = self.mlp(modulate(self.norm2(x), shift_m, scale_m))
         return torch.addcmul(x, gate_m.unsqueeze(1), h)
 
 
 class FinalLayer(nn.Module):
-    """Modulated LayerNorm then Linear d -> p*p*C_out (keys ``final_layer.linear``, ``.adaLN_modulation.1``)."""
+    """Modulated norm then Linear d -> p*p*C_out (keys ``final_layer.linear``, ``.adaLN_modulation.1``)."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
+    def __init__(self, dim: int, patch_size: int, out_channels: int, norm: NormKind = "layernorm") -> None:
         super().__init__()
-        self.dim = dim
+        self.norm_final = build_norm(norm, dim)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation[1](c_act).chunk(2, dim=-1)
-        return self.linear(modulate(F.layer_norm(x, (self.dim,), eps=1e-6), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 def build_projector(hidden_size: int, projector_dim: int, teacher_dim: int) -> nn.Sequential:
@@ -270,9 +362,29 @@ class SiTArgs:
     projector_dim: int = 2048
     encoder_depth: int = 8  # the projectors read the hidden states after this block (1-based)
     learn_sigma: bool = False  # official SiT: 2C output channels, of which the first C are the velocity
-    qk_norm: bool = False
+    qk_norm: bool = False  # normalise each head's queries and keys (the kind of norm follows `norm`)
+    pos: PositionKind = "sincos"  # sincos: fixed 2D sin-cos only; rope2d: plus 2-D RoPE on q and k
+    mlp: MlpKind = "gelu"  # gelu: Linear-GELU-Linear; swiglu: gated MLP with 2/3 of the hidden width
+    norm: NormKind = "layernorm"  # layernorm (no affine) or rmsnorm (learnt scale) in blocks and final layer
     latent_bn: bool = False  # REPA-E: non-affine BatchNorm buffers holding the latent statistics
     convention: Convention = "repa"  # time convention of the weights; the forward always speaks ours
+
+
+def mlp_hidden_size(args: SiTArgs) -> int:
+    """Hidden width of a block's MLP: ``int(d * mlp_ratio)``, two thirds of it for SwiGLU (LightningDiT).
+
+    SwiGLU has three matrices to the GELU MLP's two, so two thirds of the width keeps the parameter count.
+    """
+    width = int(args.hidden_size * args.mlp_ratio)
+    return 2 * width // 3 if args.mlp == "swiglu" else width
+
+
+def check_options(args: SiTArgs) -> None:
+    """Raise :class:`UserError` naming an architecture option whose value is not one of its choices."""
+    for name, kind in (("pos", PositionKind), ("mlp", MlpKind), ("norm", NormKind)):
+        value = getattr(args, name)
+        if value not in get_args(kind):
+            raise UserError(f"SiT option {name}={value!r} is not one of {list(get_args(kind))}")
 
 
 class SiT(nn.Module):
@@ -287,6 +399,7 @@ class SiT(nn.Module):
             raise ValueError(f"latent size {args.input_size} is not divisible by the patch size {args.patch_size}")
         if args.teacher_dims and not 1 <= args.encoder_depth <= args.depth:
             raise ValueError(f"encoder_depth {args.encoder_depth} must lie in [1, depth={args.depth}]")
+        check_options(args)
         self.args = args
         d = args.hidden_size
         self.in_channels = args.in_channels
@@ -299,11 +412,10 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(args.num_classes, d)
         self.register_buffer("pos_embed", torch.zeros(1, self.grid * self.grid, d), persistent=True)
-        self.blocks = nn.ModuleList(
-            [SiTBlock(d, args.num_heads, args.mlp_ratio, qk_norm=args.qk_norm) for _ in range(args.depth)]
-        )
+        self.feat_rope = RotaryEmbedding2D(d // args.num_heads, self.grid) if args.pos == "rope2d" else None
+        self.blocks = nn.ModuleList([SiTBlock(args) for _ in range(args.depth)])
         self.projectors = nn.ModuleList([build_projector(d, args.projector_dim, dim) for dim in args.teacher_dims])
-        self.final_layer = FinalLayer(d, args.patch_size, self.out_channels)
+        self.final_layer = FinalLayer(d, args.patch_size, self.out_channels, args.norm)
         if args.latent_bn:
             self.bn = nn.BatchNorm2d(args.in_channels, eps=1e-4, affine=False, track_running_stats=True)
         self.initialize_weights()
@@ -354,7 +466,7 @@ class SiT(nn.Module):
         c_act = F.silu(self.t_embedder(t_model) + self.y_embedder(y))
         tokens: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            h = block(h, c_act)
+            h = block(h, c_act, self.feat_rope)
             if return_tokens and i + 1 == self.args.encoder_depth:
                 tokens = [projector(h) for projector in self.projectors]
         out = self.unpatchify(self.final_layer(h, c_act))
@@ -408,9 +520,11 @@ def forward_flops(args: SiTArgs, with_projector: bool = True) -> int:
     elementwise work (norms, activations, residuals) is left out, as in MFU conventions.
     """
     d, n, p = args.hidden_size, (args.input_size // args.patch_size) ** 2, args.patch_size
-    hidden = int(d * args.mlp_ratio)
+    hidden = mlp_hidden_size(args)
+    mlp_matrices = 3 if args.mlp == "swiglu" else 2  # SwiGLU: W1, W2 and W3, each d x hidden
     out_c = 2 * args.in_channels if args.learn_sigma else args.in_channels
-    per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden + 2 * d * 6 * d
+    attention_flops = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d
+    per_block = attention_flops + mlp_matrices * 2 * n * d * hidden + 2 * d * 6 * d
     flops = args.depth * per_block
     flops += 2 * n * args.in_channels * p * p * d  # patch embedding
     flops += 2 * 256 * d + 2 * d * d  # time MLP
@@ -434,25 +548,33 @@ _SIZES: dict[str, tuple[int, int, int]] = {  # name -> (depth, width, heads)
     "M": (6, 192, 3),  # small CPU preset
 }
 _ENCODER_DEPTH = {"XL": 8, "L": 8, "B": 4, "S": 4, "T": 2, "M": 3}
+_FAMILIES: dict[str, dict[str, str]] = {  # name -> architecture options
+    "SiT": {},  # the SiT / REPA / REPA-E block
+    "LightningDiT": {"pos": "rope2d", "mlp": "swiglu", "norm": "rmsnorm"},  # LightningDiT-XL/1's released recipe
+}
 
-PRESETS: tuple[str, ...] = tuple(f"SiT-{size}/{p}" for size in _SIZES for p in (1, 2, 4))
+PRESETS: tuple[str, ...] = tuple(
+    f"{family}-{size}/{p}" for family in _FAMILIES for size in _SIZES for p in (1, 2, 4)
+)
 
 
 def preset_args(name: str, **overrides: Any) -> SiTArgs:
-    """Arguments of preset ``SiT-{XL,L,B,S,M,T}/{1,2,4}``; overrides (input_size, in_channels, ...) apply on top.
+    """Arguments of preset ``{SiT,LightningDiT}-{XL,L,B,S,M,T}/{1,2,4}``; overrides apply on top.
 
     Official sizes: XL 28 blocks / 1152 / 16 heads, L 24 / 1024 / 16, B 12 / 768 / 12, S 12 / 384 / 6;
     REPA's projector depth: 8 for XL and L, 4 for B (and S). T (4 / 128 / 4) and M (6 / 192 / 3) are
-    tiny CPU presets.
+    tiny CPU presets. ``SiT-*`` is the SiT / REPA block; ``LightningDiT-*`` the same sizes with 2-D RoPE,
+    SwiGLU and RMSNorm (LightningDiT's XL/1 recipe; its own code names XL/1, XL/2, L/2, B/1 and B/2).
+    Overrides (input_size, in_channels, pos, mlp, norm, ...) replace any of these values.
     """
-    match = re.fullmatch(r"SiT-(XL|L|B|S|M|T)/(\d+)", name)
+    match = re.fullmatch(rf"({'|'.join(_FAMILIES)})-({'|'.join(_SIZES)})/(\d+)", name)
     if not match:
         raise UserError(f"unknown SiT preset {name!r}; choose one of {', '.join(PRESETS)}")
-    size, patch = match.group(1), int(match.group(2))
+    family, size, patch = match.group(1), match.group(2), int(match.group(3))
     depth, width, heads = _SIZES[size]
     values: dict[str, Any] = {
         "patch_size": patch, "hidden_size": width, "depth": depth, "num_heads": heads,
-        "encoder_depth": _ENCODER_DEPTH[size],
+        "encoder_depth": _ENCODER_DEPTH[size], **_FAMILIES[family],
     }
     values.update(overrides)
     return SiTArgs(**values)
@@ -472,45 +594,72 @@ _HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6, 192: 3, 128: 4}
 
 def infer_args(state_dict: Mapping[str, torch.Tensor], num_heads: int | None = None,
                encoder_depth: int | None = None, convention: Convention = "repa") -> SiTArgs:
-    """Rebuild :class:`SiTArgs` from the key set and shapes of a SiT / REPA / REPA-E state dict.
+    """Rebuild :class:`SiTArgs` from the key set and shapes of a SiT / REPA / REPA-E / LightningDiT state dict.
 
-    Neither the number of heads nor the projector's block is stored in the weights: the heads default
-    to the official value for the width, the projector block to 8 (depth >= 24) or 4 (REPA's values).
+    The architecture options show in the keys (``mlp.w12``: SwiGLU, ``norm1.weight``: RMSNorm,
+    ``feat_rope.*``: 2-D RoPE, ``attn.q_norm.weight``: QK-norm). The projector's block is not stored in
+    the weights: it defaults to REPA's 8 (depth >= 24) or 4, and a checkpoint with projectors and fewer
+    blocks than that needs ``encoder_depth``. Nor are the heads, except through a RoPE buffer's head
+    width: otherwise they default to the official value for the width.
     """
+    swiglu = "blocks.0.mlp.w12.weight" in state_dict
     try:
         proj = state_dict["x_embedder.proj.weight"]
         pos = state_dict["pos_embed"]
         table = state_dict["y_embedder.embedding_table.weight"]
         final = state_dict["final_layer.linear.weight"]
-        fc1 = state_dict["blocks.0.mlp.fc1.weight"]
+        modulation = state_dict["blocks.0.adaLN_modulation.1.weight"]
+        mlp_width = (state_dict["blocks.0.mlp.w3.weight"].shape[1] if swiglu
+                     else state_dict["blocks.0.mlp.fc1.weight"].shape[0])
     except KeyError as exc:
         raise UserError(f"not a SiT state dict: key {exc.args[0]} is missing") from None
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    if modulation.shape[0] != 6 * hidden:
+        raise UserError(f"blocks.0.adaLN_modulation.1 has {modulation.shape[0]} outputs, not 6 x {hidden}: "
+                        "shift-free adaLN (LightningDiT's wo_shift) is not supported")
     grid = math.isqrt(pos.shape[1])
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
     n_proj = sum(1 for k in state_dict if re.fullmatch(r"projectors\.\d+\.4\.weight", k))
     teacher_dims = [int(state_dict[f"projectors.{i}.4.weight"].shape[0]) for i in range(n_proj)]
+    if num_heads is None and "feat_rope.freqs_cos" in state_dict:
+        num_heads = hidden // state_dict["feat_rope.freqs_cos"].shape[1]
     if num_heads is None:
         if hidden not in _HEADS_BY_WIDTH:
             raise UserError(f"cannot tell the number of heads of a width-{hidden} SiT; pass num_heads")
         num_heads = _HEADS_BY_WIDTH[hidden]
-    return SiTArgs(
+    if not encoder_depth:
+        encoder_depth = 8 if depth >= 24 else 4
+        if n_proj and encoder_depth > depth:
+            raise UserError(
+                f"this {depth}-block SiT has a REPA projector, but the block it reads is not stored in the "
+                f"weights and REPA's default ({encoder_depth}) exceeds the depth: pass encoder_depth=K "
+                f"(load_sit(path, encoder_depth=K)) with K in [1, {depth}], the value it was trained with")
+    elif n_proj and not 1 <= encoder_depth <= depth:
+        raise UserError(f"encoder_depth={encoder_depth} must lie in [1, {depth}] for this {depth}-block SiT")
+    args = SiTArgs(
         input_size=grid * patch,
         in_channels=in_channels,
         patch_size=patch,
         hidden_size=hidden,
         depth=depth,
         num_heads=num_heads,
-        mlp_ratio=fc1.shape[0] / hidden,
+        # SwiGLU keeps 2/3 of int(d * ratio): the ratio to two decimals that gives its width back
+        mlp_ratio=round(1.5 * mlp_width / hidden, 2) if swiglu else mlp_width / hidden,
         num_classes=table.shape[0] - 1,
         teacher_dims=teacher_dims,
         projector_dim=int(state_dict["projectors.0.0.weight"].shape[0]) if n_proj else 2048,
-        encoder_depth=encoder_depth or (8 if depth >= 24 else 4),
+        encoder_depth=encoder_depth,
         learn_sigma=final.shape[0] == 2 * in_channels * patch * patch,
         qk_norm="blocks.0.attn.q_norm.weight" in state_dict,
+        pos="rope2d" if "feat_rope.freqs_cos" in state_dict else "sincos",
+        mlp="swiglu" if swiglu else "gelu",
+        norm="rmsnorm" if "blocks.0.norm1.weight" in state_dict else "layernorm",
         latent_bn="bn.running_mean" in state_dict,
         convention=convention,
     )
+    if mlp_hidden_size(args) != mlp_width:
+        raise UserError(f"cannot rebuild a width-{mlp_width} SwiGLU from mlp_ratio {args.mlp_ratio} and width {hidden}")
+    return args
 
 
 def read_checkpoint(path: str | Path, prefer: Literal["ema", "model"] = "ema") -> dict[str, torch.Tensor]:
@@ -555,9 +704,12 @@ def load_sit(
     """Load a released SiT / REPA / REPA-E checkpoint, a SiT safetensors file or a ``train-sit`` run.
 
     ``convention`` names the time convention the weights were trained in: ``"repa"`` (REPA, REPA-E,
-    sendvae: t = 1 noise) or ``"sit"`` (official SiT: t = 0 noise, opposite velocity). ``"auto"``
-    picks ``"sit"`` for a checkpoint with 2C output channels and no projector (the official SiT
-    layout) and ``"repa"`` otherwise. The returned model always speaks this project's convention.
+    sendvae: t = 1 noise) or ``"sit"`` (official SiT and LightningDiT: t = 0 noise, opposite velocity).
+    ``"auto"`` picks ``"sit"`` for a checkpoint without projector that has 2C output channels (the
+    official SiT layout) or any LightningDiT option (RoPE, SwiGLU, RMSNorm), and ``"repa"`` otherwise;
+    pass it explicitly for a file of this project's own projector-less LightningDiT-style SiT. The
+    returned model always speaks this project's convention. ``num_heads`` and ``encoder_depth`` (the
+    REPA projector's block) are not stored in released weights: see :func:`infer_args`.
     Its ``latent_statistics()`` holds REPA-E's BatchNorm latent statistics when the checkpoint has them.
     A folder is read as a ``train-sit`` run (``RUN`` or ``RUN/sit``, see
     :func:`sendvae.train.sit.load_sit_run`; ``prefer`` picks EMA or raw weights).
@@ -569,7 +721,8 @@ def load_sit(
     state = read_checkpoint(path, prefer)
     args = infer_args(state, num_heads=num_heads, encoder_depth=encoder_depth)
     if convention == "auto":
-        convention = "sit" if args.learn_sigma and not args.teacher_dims else "repa"
+        lightning = (args.pos, args.mlp, args.norm) != ("sincos", "gelu", "layernorm")
+        convention = "sit" if (args.learn_sigma or lightning) and not args.teacher_dims else "repa"
         log.info("%s: assuming the %s time convention (pass convention= to override)", path, convention)
     if convention not in ("repa", "sit"):
         raise UserError(f"convention must be 'repa', 'sit' or 'auto', got {convention!r}")
@@ -593,7 +746,8 @@ def describe_args(args: SiTArgs) -> str:
     return (
         f"depth {args.depth}, width {args.hidden_size}, {args.num_heads} heads, patch {args.patch_size}, "
         f"{args.in_channels}x{args.input_size}x{args.input_size} latents, {args.num_classes} classes, "
-        f"projectors {args.teacher_dims or 'none'}, learn_sigma {args.learn_sigma}, convention {args.convention}"
+        f"projectors {args.teacher_dims or 'none'}, learn_sigma {args.learn_sigma}, convention {args.convention}, "
+        f"pos {args.pos}, mlp {args.mlp}, norm {args.norm}, qk_norm {args.qk_norm}"
     )
 
 
