@@ -211,6 +211,80 @@ def test_labels_balanced_and_random():
     assert torch.bincount(sample_labels(7, 3, 0, "balanced"), minlength=3).tolist() == [3, 2, 2]
 
 
+class GaussianClasses:
+    """The exact velocity for data N(means[y], std^2 I): the Gaussian above with a class-dependent mean."""
+
+    def __init__(self, means: torch.Tensor, std: float) -> None:
+        self.means, self.std = means, std
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = t.to(torch.float64).view(-1, 1, 1, 1)
+        m = self.means[y].view(len(y), -1, 1, 1)
+        var = (1 - t) ** 2 * self.std**2 + t**2
+        return -m + (t - (1 - t) * self.std**2) / var * (x.to(torch.float64) - (1 - t) * m)
+
+
+CLASS_MEANS = torch.tensor([[-1.0, 0.5, 2.0, 0.0], [1.0, -1.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+
+
+def _autoguided(sampler: str, scale: float, guide, n: int = 600, model=None) -> torch.Tensor:
+    config = SamplingConfig(
+        sampler=sampler, steps=32, cfg_scale=scale, guidance="autoguidance", guide_model="guide", seed=1
+    )
+    labels = torch.arange(n) % 3
+    model = model or GaussianClasses(CLASS_MEANS, 0.5)
+    return generate_latents(model, range(n), labels, (4, 2, 2), config, 3, dtype=torch.float64, guide_model=guide)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "sde"])
+def test_autoguidance_by_the_model_itself_changes_nothing(sampler):
+    model = GaussianClasses(CLASS_MEANS, 0.5)
+    plain = generate_latents(
+        model, range(30), torch.arange(30) % 3, (4, 2, 2), SamplingConfig(sampler=sampler, steps=32, seed=1), 3,
+        dtype=torch.float64,
+    )
+    assert torch.equal(_autoguided(sampler, 3.0, model, n=30, model=model), plain)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "sde"])
+def test_autoguidance_by_a_blurrier_model_pulls_samples_to_the_class_mean(sampler):
+    labels = torch.arange(600) % 3
+    spreads = {}
+    for scale in (1.0, 1.5, 2.5):
+        x = _autoguided(sampler, scale, GaussianClasses(CLASS_MEANS, 1.0))  # the guide: same means, std 1 > 0.5
+        deviation = x - CLASS_MEANS[labels].view(-1, 4, 1, 1)
+        assert deviation.mean().abs() < 0.02  # centred on the class mean at every scale
+        spreads[scale] = deviation.std().item()
+    assert spreads[1.0] == pytest.approx(0.5, rel=0.06)  # w = 1: the good model's own distribution
+    assert spreads[1.0] > 1.2 * spreads[1.5] and spreads[1.5] > 1.2 * spreads[2.5]
+    assert spreads[2.5] < 0.6 * spreads[1.0]
+
+
+def test_autoguidance_calls_both_models_on_guided_steps_only():
+    model, guide = RecordingModel(), RecordingModel()
+    config = SamplingConfig(sampler="euler", steps=4, cfg_scale=2.0, guidance_interval=(0.0, 0.6),
+                            guidance="autoguidance", guide_model="guide")
+    generate_latents(model, [0, 1], torch.tensor([3, 4]), (4, 1, 1), config, null_label=10, dtype=torch.float64,
+                     guide_model=guide)
+    assert [(size, round(t, 6), y) for size, t, y in model.calls] == [
+        (2, 1.0, [3, 4]), (2, 0.75, [3, 4]), (2, 0.5, [3, 4]), (2, 0.25, [3, 4])]
+    assert [(size, round(t, 6), y) for size, t, y in guide.calls] == [(2, 0.5, [3, 4]), (2, 0.25, [3, 4])]
+    with pytest.raises(UserError, match="guide model"):
+        generate_latents(model, [0], torch.tensor([3]), (4, 1, 1), config, null_label=10)
+
+
+def test_guidance_scale_below_one_is_refused_naming_the_setting():
+    from sendvae.config import ConfigError, from_dict
+
+    # SiT / REPA guide only for scale > 1; a scale of 0.5 used to extrapolate toward the unconditional model here.
+    with pytest.raises(ConfigError, match="cfg_scale: 0.5 is below 1"):
+        from_dict(SamplingConfig, {"cfg_scale": 0.5})
+    with pytest.raises(ConfigError, match="cfg_scale"):
+        generate_latents(constant_velocity, [0], torch.tensor([1]), (4, 1, 1), SamplingConfig(cfg_scale=0.5), 10)
+    with pytest.raises(ConfigError, match="guide_model"):
+        from_dict(SamplingConfig, {"guidance": "autoguidance"})
+
+
 def test_config_rejects_a_reversed_interval():
     from sendvae.config import ConfigError, from_dict
 
@@ -380,6 +454,48 @@ def test_sample_command_refuses_a_vae_the_sit_was_not_trained_on(tmp_path, sit_r
     with pytest.raises(UserError, match="not the one"):
         load_generator(run)
     load_generator(run, vae=other)  # named explicitly: a warning, not an error
+
+
+def test_sample_command_records_its_protocol_and_draws_a_grid(tmp_path, sit_run):
+    from PIL import Image
+
+    from sendvae.sampling import read_sample_metadata
+
+    plain, guided = tmp_path / "plain.npz", tmp_path / "guided.npz"
+    assert _cli_sample(sit_run, plain, 4, "--cfg", "1", "--grid", "0") == 0
+    assert not plain.with_suffix(".png").exists()
+    # AutoGuidance of the run by itself: the same images as no guidance, at twice the cost on guided steps
+    assert _cli_sample(sit_run, guided, 4, "--guidance", "autoguidance", "--guide-model", str(sit_run),
+                       "--grid", "2x3") == 0
+    a, b = np.load(plain), np.load(guided)
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    meta = read_sample_metadata(guided)
+    assert meta == json.loads(guided.with_suffix(".json").read_text())
+    assert meta["sampling"]["guidance"] == "autoguidance" and meta["sampling"]["cfg_scale"] == 2.0
+    assert meta["sampling"]["sampler"] == "heun" and meta["sampling"]["steps"] == 3 and meta["sampling"]["seed"] == 1
+    assert meta["sampling"]["labels"] == "random" and meta["source"]["guide_model"]["path"] == str(sit_run)
+    # Heun, 3 steps: t = 1 unguided (2 passes), t = 2/3 guided (2 x 2), t = 1/3 guided, no correction (2)
+    heun = SamplingConfig(sampler="heun", steps=3, cfg_scale=2.0, guidance_interval=(0.0, 0.7))
+    assert meta["nfe_per_sample"] == evaluations_per_sample(heun) == 8
+    assert "round(clamp((x + 1) * 127.5, 0, 255))" in meta["pixels"]
+    grid = np.asarray(Image.open(guided.with_suffix(".png")))
+    present = sorted(set(b["arr_1"].tolist()))
+    assert grid.shape == (len(present) * 34 + 2, 2 * 34 + 2, 3)  # a row per class, 2 columns, 2-pixel borders
+    first = int(np.flatnonzero(b["arr_1"] == present[0])[0])
+    assert np.array_equal(grid[2:34, 2:34], b["arr_0"][first])
+
+
+def test_guide_model_must_share_the_latent_space(tmp_path, sit_run):
+    from sendvae.models.sit import build_sit
+    from sendvae.sampling import load_generator
+    from sendvae.train.sit import save_sit_folder
+
+    config = json.loads((sit_run / "sit" / "config.json").read_text())
+    other = build_sit("SiT-T/2", input_size=8, in_channels=4, num_classes=5)
+    info = {"num_classes": 5, "latent_shape": config["latent_shape"], "vae": config["vae"]}
+    save_sit_folder(tmp_path / "other" / "sit", other, other, info)
+    with pytest.raises(UserError, match=r"--guide-model .*other.* --sit .*: classes 5 vs 3"):
+        load_generator(sit_run, guide_model=tmp_path / "other")
 
 
 def test_interrupted_job_resumes_and_skips_written_chunks(tmp_path):

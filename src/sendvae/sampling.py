@@ -12,11 +12,20 @@ predicts the velocity ``v = eps - x``. Every sampler starts from ``x_1 ~ N(0, I)
   score from :func:`sendvae.transport.velocity_to_score`, on ``linspace(1, 0.04, steps)``; then one
   deterministic step from 0.04 to 0 with the same drift and no noise (the mean of the last
   transition: added noise there would survive into the image). ``steps`` counts model evaluations.
-- **Classifier-free guidance** on all latent channels: ``v = v_uncond + scale (v_cond - v_uncond)``,
-  only on steps whose start time lies in the interval ``[low, high]`` (t = 1 noise; REPA-E's
-  ``[0, 0.75]`` guides the last three quarters). For the SDE this equals guiding the drift, because
-  the drift is affine in v. Off the interval (or with scale 1) the model runs once per evaluation on
-  the plain batch; only guided steps duplicate the batch with the null label.
+- **Guidance** on all latent channels, ``v = v_bad + w (v_good - v_bad)``, only on steps whose start
+  time lies in the interval ``[low, high]`` (t = 1 noise; REPA-E's ``[0, 0.75]`` guides the last three
+  quarters). For the SDE this equals guiding the drift, because the drift is affine in v. Two kinds:
+
+  * **classifier-free** (``guidance="cfg"``): v_good is the conditional, v_bad the unconditional
+    (null-label) velocity of the same model; guided steps run the model once on ``[x, x]`` with
+    labels ``[y, null]``;
+  * **AutoGuidance** (``guidance="autoguidance"``; Karras et al. 2024, "Guiding a diffusion model with
+    a bad version of itself"): v_bad is the velocity, for the same label, of a weaker model of the
+    same latent space (an earlier checkpoint or a smaller SiT). A model guiding itself changes nothing.
+
+  Off the interval (or with w = 1) the model runs once per evaluation on the plain batch. Scales
+  below 1 are refused: the reference samplers (SiT, REPA) guide only when the scale exceeds 1 and
+  silently sample unguided below, so a scale of 0.5 would mean different things here and there.
 - **State** in float64; the model is called in its own dtype (its parameters' dtype).
 - **Seeds**: sample i draws its initial noise, then its SDE increments, from its own generator seeded
   by (seed, i), and with ``labels="random"`` its label from another stream seeded by (seed, i).
@@ -71,14 +80,25 @@ class SamplingConfig:
     steps: int = param(
         250, "model evaluations per sample without guidance (SDE: steps - 1 stochastic + 1 final)", min=1
     )
-    cfg_scale: float = param(1.0, "classifier-free guidance scale (1 = off)", min=0.0)
+    cfg_scale: float = param(1.0, "guidance scale w of cfg or autoguidance (1 = off; below 1 refused)")
     guidance_interval: tuple[float, float] = param(
         (0.0, 1.0), "guide only steps starting at t in [low, high] (t = 1 noise)"
     )
+    guidance: str = param(
+        "cfg", "cfg (classifier-free) or autoguidance (by guide_model)", choices=("cfg", "autoguidance")
+    )
+    guide_model: str = param("", "autoguidance: the weaker SiT (run, training checkpoint or file) guiding this one")
     labels: str = param("balanced", "balanced (equal count per class) or random labels", choices=("balanced", "random"))
     seed: int = param(0, "sample i depends only on (seed, i)", min=0)
 
     def check(self) -> None:
+        check_guidance_scale(self.cfg_scale)
+        if self.guidance == "autoguidance" and not self.guide_model:
+            raise ConfigError("guide_model: guidance=autoguidance needs the guiding SiT (--guide-model PATH)")
+        if self.guidance == "cfg" and self.guide_model:
+            raise ConfigError(
+                f"guide_model: {self.guide_model!r} is only used with guidance=autoguidance (--guidance autoguidance)"
+            )
         low, high = self.guidance_interval
         if not 0.0 <= low <= high <= 1.0:
             raise ConfigError(f"guidance_interval: {list(self.guidance_interval)} must satisfy 0 <= low <= high <= 1")
@@ -86,14 +106,31 @@ class SamplingConfig:
             raise ConfigError(f"steps: the SDE sampler needs at least 2 steps, got {self.steps}")
 
 
+def check_guidance_scale(scale: float) -> None:
+    """Refuse a guidance scale below 1 (see the module notes: SiT / REPA would not guide at all there)."""
+    if scale < 1.0:
+        raise ConfigError(
+            f"cfg_scale: {scale!r} is below 1; the reference samplers (SiT, REPA) guide only for a scale "
+            "above 1 and sample unguided otherwise, so sendvae refuses it: use 1 (--cfg 1) for no guidance"
+        )
+
+
 @dataclass(frozen=True)
 class Guidance:
-    """Classifier-free guidance: ``scale`` on steps starting at t in [low, high]; ``null_label`` is unconditional."""
+    """``v_bad + scale (v_good - v_bad)`` on steps starting at t in [low, high].
+
+    Without ``guide_model`` this is classifier-free guidance (v_bad: the same model with ``null_label``);
+    with it, AutoGuidance (v_bad: ``guide_model`` with the same label, called in the main model's dtype).
+    """
 
     scale: float = 1.0
     low: float = 0.0
     high: float = 1.0
     null_label: int = 1000
+    guide_model: VelocityModel | None = None
+
+    def __post_init__(self) -> None:
+        check_guidance_scale(self.scale)
 
     def active(self, t: float) -> bool:
         return self.scale != 1.0 and self.low <= t <= self.high
@@ -122,21 +159,23 @@ def velocity(
     guided: bool,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The velocity at time ``t`` in float64; when ``guided``, ``v_u + scale (v_c - v_u)`` on every channel.
+    """The velocity at time ``t`` in float64; when ``guided``, ``v_bad + scale (v_good - v_bad)`` on every channel.
 
-    Unguided, the model sees the batch once; guided, it sees ``[x, x]`` with labels ``[y, null]``.
+    Unguided, the model sees the batch once. Guided by CFG, it sees ``[x, x]`` with labels
+    ``[y, null]``; guided by AutoGuidance, the model and the guide model each see ``(x, y)``.
     """
-    if guided:
-        x_in = torch.cat([x, x])
-        y_in = torch.cat([y, torch.full_like(y, guidance.null_label)])
-    else:
-        x_in, y_in = x, y
-    t_in = torch.full((x_in.shape[0],), t, dtype=dtype, device=x.device)
-    v = model(x_in.to(dtype), t_in, y_in).to(torch.float64)
+
+    def run(net: VelocityModel, x_in: torch.Tensor, y_in: torch.Tensor) -> torch.Tensor:
+        t_in = torch.full((x_in.shape[0],), t, dtype=dtype, device=x.device)
+        return net(x_in.to(dtype), t_in, y_in).to(torch.float64)
+
     if not guided:
-        return v
-    v_cond, v_uncond = v.chunk(2)
-    return v_uncond + guidance.scale * (v_cond - v_uncond)
+        return run(model, x, y)
+    if guidance.guide_model is not None:
+        good, bad = run(model, x, y), run(guidance.guide_model, x, y)
+    else:
+        good, bad = run(model, torch.cat([x, x]), torch.cat([y, torch.full_like(y, guidance.null_label)])).chunk(2)
+    return bad + guidance.scale * (good - bad)
 
 
 def euler_ode(
@@ -263,10 +302,19 @@ def generate_latents(
     null_label: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    guide_model: VelocityModel | None = None,
 ) -> torch.Tensor:
-    """Clean latents (float64 [B, C, H, W], normalised latent space) for samples ``indices`` of class ``labels`` [B]."""
+    """Clean latents (float64 [B, C, H, W], normalised latent space) for samples ``indices`` of class ``labels`` [B].
+
+    ``guide_model`` is the weaker model that ``config.guidance == "autoguidance"`` needs.
+    """
     low, high = config.guidance_interval
-    guidance = Guidance(config.cfg_scale, low, high, null_label)
+    if (config.guidance == "autoguidance") != (guide_model is not None):
+        raise UserError(
+            f"guidance={config.guidance!r} "
+            + ("needs a guide model (--guide-model)" if guide_model is None else "takes no guide model")
+        )
+    guidance = Guidance(config.cfg_scale, low, high, null_label, guide_model)
     noise = PerSampleNoise(config.seed, indices, latent_shape, device)
     x1, y = noise(), labels.to(device=device, dtype=torch.int64)
     with torch.inference_mode():
@@ -400,6 +448,7 @@ def sample_to_npz(
     rank: int = 0,
     world: int = 1,
     keep_parts: bool = False,
+    guide_model: VelocityModel | None = None,
 ) -> Path | None:
     """Draw ``job.num_samples`` samples over ``world`` ranks and write the ADM npz ``out`` (rank 0); resumable.
 
@@ -407,8 +456,9 @@ def sample_to_npz(
     ``world``-th unfinished chunk, samples it in batches of ``batch_size``, decodes it and writes
     ``OUT.parts/<start>-<end>.npz`` atomically (and the PNGs ``<index:06d>.png`` first, if asked).
     A rerun skips the chunks already written. When all are done, rank 0 streams them into ``out``
-    (``arr_0`` uint8 [N, H, W, 3], ``arr_1`` int64 labels), writes ``OUT.json`` with the settings and
-    removes the parts folder (unless ``keep_parts``). Returns ``out`` on rank 0, None elsewhere.
+    (``arr_0`` uint8 [N, H, W, 3], ``arr_1`` int64 labels, ``metadata``: :func:`sample_metadata` as a
+    JSON string), writes the same metadata to ``OUT.json`` and removes the parts folder (unless
+    ``keep_parts``). ``guide_model`` is the AutoGuidance guide. Returns ``out`` on rank 0, None elsewhere.
     """
     from sendvae.eval.generation import NpzWriter
     from sendvae.locking import PidLock
@@ -452,7 +502,9 @@ def sample_to_npz(
             for b in range(start, end, batch_size):
                 indices = list(range(b, min(b + batch_size, end)))
                 y = labels[indices]
-                latents = generate_latents(model, indices, y, job.latent_shape, job.sampling, null_label, device, dtype)
+                latents = generate_latents(
+                    model, indices, y, job.latent_shape, job.sampling, null_label, device, dtype, guide_model
+                )
                 with torch.inference_mode():
                     pixels = decode(latents)
                 if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
@@ -481,6 +533,33 @@ def sample_to_npz(
         lock.release()
 
 
+METADATA_KEY = "metadata"
+PIXEL_RULE = "uint8 = round(clamp((x + 1) * 127.5, 0, 255)) of the decoded x in [-1, 1] (sendvae.pixels)"
+
+
+def sample_metadata(job: SampleJob) -> dict[str, Any]:
+    """What a samples file records about how it was drawn: the job's settings, NFE and the uint8 rule.
+
+    ``sampling`` holds the sampler, steps, guidance (kind, scale, interval, guide model), label
+    sampling and seed; ``nfe_per_sample`` counts model forward passes per sample
+    (:func:`evaluations_per_sample`); ``source`` names the model and decoder.
+    """
+    return {**job.to_json(), "nfe_per_sample": evaluations_per_sample(job.sampling), "pixels": PIXEL_RULE}
+
+
+def read_sample_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The metadata a ``sendvae sample`` npz carries (None for npz files written otherwise)."""
+    from sendvae.eval.generation import NpzArray, npz_keys
+
+    if METADATA_KEY not in npz_keys(path):
+        return None
+    text = NpzArray(path, METADATA_KEY).read()
+    try:
+        return json.loads(str(text))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: its {METADATA_KEY!r} member is not JSON ({exc})") from None
+
+
 def _assemble(folder: Path, out: Path, job: SampleJob, npz_writer: Any) -> None:
     """Stream every chunk, in index order, into ``out`` and write the settings beside it as ``OUT.json``."""
     ranges = chunk_ranges(job.num_samples, job.chunk_size)
@@ -502,8 +581,9 @@ def _assemble(folder: Path, out: Path, job: SampleJob, npz_writer: Any) -> None:
                     stream.write(chunk["images"])
                     labels.append(chunk["labels"])
         writer.array("arr_1", np.concatenate(labels).astype(np.int64))
-    meta = out.with_name(out.name.removesuffix(".npz") + ".json")
-    meta.write_text(json.dumps(job.to_json(), indent=2))
+        metadata = json.dumps(sample_metadata(job), indent=2)
+        writer.array(METADATA_KEY, np.array(metadata))  # a unicode array: readable without pickle
+    out.with_name(out.name.removesuffix(".npz") + ".json").write_text(metadata)
     log.info("wrote %s (%d images of %dx%d) in %.1f s", out, job.num_samples, height, width, time.time() - started)
 
 
@@ -540,6 +620,63 @@ def latent_decoder(vae: Any, mean: torch.Tensor | None = None, std: torch.Tensor
 
 
 @dataclass
+class LoadedSiT:
+    """A SiT read from a run, a training checkpoint or a file, with what a run records about its latents."""
+
+    model: torch.nn.Module
+    latent_shape: tuple[int, int, int]
+    num_classes: int
+    vae_path: str | None = None  # recorded by a train-sit run
+    vae_fingerprint: str | None = None
+    images_seen: int | None = None  # the progress of a training checkpoint
+
+
+def load_sit_source(path: str | Path) -> LoadedSiT:
+    """A SiT from ``path``: a ``train-sit`` run (``RUN`` or ``RUN/sit``: its published EMA weights), one of
+    its training checkpoints (``RUN/checkpoints/ckpt-<images>``: the EMA weights at that point, or the raw
+    ones where the run had no EMA) or a SiT / REPA / REPA-E checkpoint file."""
+    from sendvae.models.sit import load_sit
+    from sendvae.train.checkpoint import STATE_FILE, load_checkpoint
+    from sendvae.train.sit import load_sit_run
+
+    path = Path(path)
+    if path.is_file():
+        model = load_sit(path)
+        args = model.args
+        return LoadedSiT(model, (args.in_channels, args.input_size, args.input_size), int(args.num_classes))
+    images_seen = None
+    if (path / STATE_FILE).is_file():
+        checkpoint = load_checkpoint(path)
+        run = load_sit_run(path.parent.parent)  # RUN/checkpoints/ckpt-N -> RUN (its config and architecture)
+        group = "ema.sit" if checkpoint.has("ema.sit") else "model.sit"
+        run.model.load_state_dict(checkpoint.tensors(group), strict=True, assign=True)
+        images_seen = checkpoint.images_seen
+    else:
+        run = load_sit_run(path)
+    return LoadedSiT(run.model, run.latent_shape, run.num_classes, run.vae_path, run.vae_fingerprint, images_seen)
+
+
+def load_guide_model(path: str | Path, main: LoadedSiT, main_path: str | Path) -> LoadedSiT:
+    """The AutoGuidance guide: a SiT of the same latent space as ``main`` (latent shape, classes, VAE)."""
+    guide = load_sit_source(path)
+    differences = [
+        f"{what} {theirs} vs {ours}"
+        for what, theirs, ours in (
+            ("latent shape", guide.latent_shape, main.latent_shape),
+            ("classes", guide.num_classes, main.num_classes),
+        )
+        if theirs != ours
+    ]
+    if guide.vae_fingerprint and main.vae_fingerprint and guide.vae_fingerprint != main.vae_fingerprint:
+        differences.append(f"VAE fingerprint {guide.vae_fingerprint[:12]} vs {main.vae_fingerprint[:12]}")
+    if differences:
+        raise UserError(
+            f"--guide-model {path} does not share the latent space of --sit {main_path}: {'; '.join(differences)}"
+        )
+    return guide
+
+
+@dataclass
 class LoadedGenerator:
     """A SiT ready to sample, the matching decoder, and what the samples file records about them."""
 
@@ -548,37 +685,35 @@ class LoadedGenerator:
     latent_shape: tuple[int, int, int]
     num_classes: int
     source: dict[str, Any]
+    guide_model: torch.nn.Module | None = None
 
 
 def load_generator(
-    sit: str | Path, vae: str | Path | None = None, device: torch.device | str = "cpu", dtype: str = "float32"
+    sit: str | Path,
+    vae: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: str = "float32",
+    guide_model: str | Path | None = None,
 ) -> LoadedGenerator:
-    """Load a ``train-sit`` run (``RUN`` or ``RUN/sit``: EMA weights, its VAE) or a SiT checkpoint file (needs ``vae``).
+    """Load a SiT (see :func:`load_sit_source`; a checkpoint file needs ``vae``), its decoder and an optional guide.
 
     A run's VAE must match the fingerprint recorded at training time, unless ``vae`` names another
     one explicitly (then a warning). REPA-E checkpoints carrying their latent statistics decode with
-    those; everything else with the VAE's own statistics.
+    those; everything else with the VAE's own statistics. ``guide_model`` (AutoGuidance) must share
+    the SiT's latent space; it runs in the same ``dtype``.
     """
-    from sendvae.models.sit import load_sit
     from sendvae.models.vae import load_vae, vae_fingerprint
-    from sendvae.train.sit import load_sit_run
 
     if dtype not in _DTYPES:
         raise UserError(f"dtype: {dtype!r} is not one of {list(_DTYPES)}")
     sit_path = Path(sit)
-    if sit_path.is_file():
-        if vae is None:
-            raise UserError(f"{sit_path} is a bare SiT checkpoint: pass the VAE its latents belong to with --vae")
-        model = load_sit(sit_path)
-        args = model.args
-        latent_shape = (args.in_channels, args.input_size, args.input_size)
-        num_classes, recorded, vae_path = args.num_classes, None, Path(vae)
-    else:
-        run = load_sit_run(sit_path)
-        model, latent_shape, num_classes = run.model, run.latent_shape, run.num_classes
-        recorded, vae_path = run.vae_fingerprint, Path(vae) if vae is not None else Path(run.vae_path)
+    loaded = load_sit_source(sit_path)
+    if loaded.vae_path is None and vae is None:
+        raise UserError(f"{sit_path} is a bare SiT checkpoint: pass the VAE its latents belong to with --vae")
+    vae_path = Path(vae) if vae is not None else Path(str(loaded.vae_path))
     autoencoder = load_vae(vae_path)
     fingerprint = vae_fingerprint(autoencoder)
+    recorded = loaded.vae_fingerprint
     if recorded is not None and fingerprint != recorded:
         message = (
             f"VAE {vae_path} is not the one {sit_path} was trained on "
@@ -587,8 +722,10 @@ def load_generator(
         if vae is None:
             raise UserError(message + "; pass the right one with --vae")
         log.warning("%s; sampling anyway, as --vae asks", message)
+    latent_shape = loaded.latent_shape
     if autoencoder.latent_channels != latent_shape[0]:
         raise UserError(f"VAE {vae_path} has {autoencoder.latent_channels} latent channels, the SiT {latent_shape[0]}")
+    model = loaded.model
     statistics = model.latent_statistics() if hasattr(model, "latent_statistics") else None
     model = model.to(device=device, dtype=_DTYPES[dtype]).eval()
     autoencoder = autoencoder.to(device).eval()
@@ -600,7 +737,14 @@ def load_generator(
         "dtype": dtype,
         "latent_statistics": "sit" if statistics is not None else "vae",
     }
-    return LoadedGenerator(model, decode, tuple(int(s) for s in latent_shape), int(num_classes), source)  # type: ignore[arg-type]
+    if loaded.images_seen is not None:
+        source["images_seen"] = loaded.images_seen
+    guide = None
+    if guide_model is not None:
+        guide_loaded = load_guide_model(guide_model, loaded, sit_path)
+        guide = guide_loaded.model.to(device=device, dtype=_DTYPES[dtype]).eval()
+        source["guide_model"] = {"path": str(guide_model), "images_seen": guide_loaded.images_seen}
+    return LoadedGenerator(model, decode, latent_shape, int(loaded.num_classes), source, guide)
 
 
 def sample_from_run(
@@ -612,13 +756,19 @@ def sample_from_run(
     vae: str | Path | None = None,
     batch_size: int = 64,
     png_dir: str | Path | None = None,
+    grid: tuple[int, int] | None = (8, 10),
     device: str = "auto",
     dtype: str = "float32",
     chunk_size: int = 1000,
     overwrite: bool = False,
     keep_parts: bool = False,
 ) -> Path | None:
-    """``sendvae sample``: join the ``torchrun`` process group (if any), load the generator, :func:`sample_to_npz`."""
+    """``sendvae sample``: join the ``torchrun`` process group (if any), load the generator, :func:`sample_to_npz`.
+
+    ``grid`` (columns, rows) also writes ``OUT.png``, one row per class (:func:`sendvae.grid.write_sample_grid`);
+    None skips it. ``config.guide_model`` is loaded as the AutoGuidance guide when ``config.guidance`` asks.
+    """
+    from sendvae.grid import write_sample_grid
     from sendvae.train import distributed
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -633,24 +783,26 @@ def sample_from_run(
         raise UserError(f"--out {out}: the samples file must end in .npz (ADM format)")
     info = distributed.init_distributed(device, "--device")
     try:
-        generator = load_generator(sit, vae, info.device, dtype)
+        guide_path = config.guide_model if config.guidance == "autoguidance" else None
+        generator = load_generator(sit, vae, info.device, dtype, guide_model=guide_path)
         job = SampleJob(
             num_samples, generator.num_classes, generator.latent_shape, config, chunk_size, generator.source
         )
         if out.exists() and not overwrite and not _same_job_unfinished(out, job):
             raise UserError(f"{out} exists; delete it or pass --overwrite")
         log.info(
-            "sampling %d images (%s, %d steps, cfg %.3g on t in %s, %s labels, seed %d) on %d process(es)",
+            "sampling %d images (%s, %d steps, %s %.3g on t in %s, %s labels, seed %d) on %d process(es)",
             num_samples,
             config.sampler,
             config.steps,
+            config.guidance,
             config.cfg_scale,
             list(config.guidance_interval),
             config.labels,
             config.seed,
             info.world,
         )
-        return sample_to_npz(
+        written = sample_to_npz(
             generator.model,
             generator.decode,
             job,
@@ -662,6 +814,16 @@ def sample_from_run(
             rank=info.rank,
             world=info.world,
             keep_parts=keep_parts,
+            guide_model=generator.guide_model,
         )
+        if written is not None and grid is not None:
+            write_sample_grid(written, grid_path(written), *grid)
+        return written
     finally:
         distributed.shutdown(info)
+
+
+def grid_path(samples: str | Path) -> Path:
+    """Where ``sendvae sample`` writes the picture of a samples file: ``OUT.npz`` -> ``OUT.png``."""
+    samples = Path(samples)
+    return samples.with_name(samples.name.removesuffix(".npz") + ".png")
