@@ -20,6 +20,7 @@ from sendvae.data.store import open_image_dataset
 from sendvae.models.vae import load_vae
 from sendvae.pixels import to_model
 from sendvae.train.checkpoint import load_latest
+from sendvae.train.loop import StepContext
 from sendvae.train.vae import TrainVAEConfig, build_vae_stage, train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,10 +174,31 @@ def test_presets_load_and_hold_the_paper_recipe() -> None:
     assert (paper.loss.lpips_weight, paper.loss.kl_weight, paper.loss.gan_weight) == (1.0, 1e-6, 0.1)
     vf = load_config(TrainVAEConfig, ROOT / "configs/imagenet256/vf_vavae_f16c32.yaml")
     assert (vf.alignment.kind, vf.alignment.weight, vf.alignment.vf_adaptive) == ("vf", 0.1, True)
+    for path in (ROOT / "configs/imagenet256/vf_vavae_f16c32.yaml", ROOT / "configs/shapes/vf.yaml"):
+        assert load_config(TrainVAEConfig, path).alignment.normalize_latent is False  # VA-VAE: the raw latent
     depths = {load_config(TrainVAEConfig, ROOT / f"configs/shapes/{n}.yaml").alignment.mapper_depth
               for n in ("sendvae_depth0", "sendvae", "sendvae_depth2")}
     assert depths == {0, 1, 2}
     assert load_config(TrainVAEConfig, ROOT / "configs/shapes/sendvae_nonoise.yaml").alignment.noise is False
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_alignment_sees_the_raw_or_the_normalised_posterior_sample(normalize: bool) -> None:
+    """alignment.normalize_latent=false hands the alignment head the raw posterior sample (VA-VAE's VF
+    loss), true the sample normalised with the VAE's latent statistics (Send-VAE, SPEC step 2)."""
+    stage, data = build_vae_stage(tiny("alignment.kind=vf", "alignment.vf_adaptive=false",
+                                       f"alignment.normalize_latent={normalize}", "train.total_images=16"))
+    stage.vae.set_latent_stats(torch.full((4,), 0.5), torch.full((4,), 3.0))
+    seen: list[torch.Tensor] = []
+    stage.alignment.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    ctx = StepContext(device=torch.device("cpu"), rank=0, world=1, images_seen=0, step=0,
+                      generator=torch.Generator().manual_seed(3), precision="fp32",
+                      _modules={**stage.modules(), **stage.frozen_modules()})
+    batch = stage.prepare_batch(torch.utils.data.default_collate([data[i] for i in range(4)]), ctx)
+    stage.vae_loss(batch, ctx)
+    with torch.no_grad():
+        z = stage.vae.encode(batch["x"]).sample(torch.Generator().manual_seed(3))
+    torch.testing.assert_close(seen[0], stage.vae.normalize(z) if normalize else z)
 
 
 @pytest.mark.parametrize("folder, suffix", [("shapes", ""), ("imagenet256", "_vavae_f16c32")])

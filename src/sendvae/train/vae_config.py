@@ -32,7 +32,8 @@ class TeacherConfig:
 class AlignmentConfig:
     kind: Literal["none", "vf", "sendvae"] = param("sendvae", "none | vf (VA-VAE linear projection) | sendvae (mapper)")
     weight: float = param(1.0, "lambda_align (Send-VAE 1.0; VA-VAE's VF loss 0.1 x its adaptive weight)", min=0.0)
-    normalize_latent: bool = param(True, "align the latent normalised with the VAE's latent statistics")
+    normalize_latent: bool = param(True, "align the latent normalised with the VAE's latent statistics (Send-VAE, "
+                                         "SPEC step 2); false = the raw latent (VA-VAE's VF loss: the vf presets)")
     noise: bool = param(True, "sendvae: noise injection z_t = (1 - t) z + t eps, t ~ U(0, 1) (Eq. 1)")
     mapper_depth: int = param(1, "sendvae: ViT blocks in the mapper (paper ablation 0 / 1 / 2)", min=0)
     mapper_width: int = param(0, "sendvae: mapper token width; 0 = the teacher width", min=0)
