@@ -199,6 +199,19 @@ def test_vf_loss_matches_a_loop_implementation() -> None:
     assert set(logs) == {"align_loss", "vf_cos", "vf_distmat"}
 
 
+def test_alignment_losses_run_in_float32_under_autocast() -> None:
+    """Inside bf16 autocast (as in training) the VF terms, the N x N cosine matrices included, and
+    Eq. 2 are computed in float32: the same values as outside autocast. Tiny tensors: CPU bf16 is slow."""
+    z, f = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    expected = (*vf_loss(z, f), alignment_loss(z, f))
+    assert expected[1] > 0  # the distance-matrix term is active
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (*vf_loss(z, f), alignment_loss(z, f))
+    for value, reference in zip(got, expected):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, reference)
+
+
 def test_vf_projection_is_pooled_to_a_coarser_teacher_grid() -> None:
     module = VFAlignment(latent_channels=4, teacher_dim=6)
     z = torch.randn(1, 4, 8, 8)

@@ -18,13 +18,14 @@ KL weight their KL is ~2e5 times weaker relative to reconstruction (3 x 256 x 25
 losses are computed in float32 whatever the autocast dtype.
 
 Alignment modules share one interface: ``forward(z, teacher_tokens, generator=None) -> (loss,
-logs)`` with ``z`` the (already normalised) latent [B, C, h, w], ``teacher_tokens`` [B, N, D]
-from a frozen :class:`~sendvae.models.teachers.Teacher`, ``loss`` a float32 scalar and ``logs`` a
-dict of detached scalars for logging.
+logs)`` with ``z`` the latent [B, C, h, w] (normalised for Send-VAE, raw for VA-VAE's VF loss),
+``teacher_tokens`` [B, N, D] from a frozen :class:`~sendvae.models.teachers.Teacher`, ``loss`` a
+float32 scalar and ``logs`` a dict of detached scalars for logging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -50,6 +51,12 @@ AlignmentKind = Literal["none", "vf", "sendvae"]
 # ----------------------------------------------------------------------------------------------
 # Reconstruction, KL, GAN
 # ----------------------------------------------------------------------------------------------
+
+
+def _float32(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region that runs in float32 inside an autocast region: autocast would otherwise compute its
+    matmuls and convolutions in bf16 even on float32 inputs (the inputs must be cast with ``.float()``)."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: ReconstructionKind = "l1") -> torch.Tensor:
@@ -225,7 +232,7 @@ class PerceptualLoss(nn.Module):
     def forward(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         if self.check_range:
             check_model_range(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _float32(x.device):
             distance = self.lpips(x.float(), recon.float())
         return distance.mean()
 
@@ -236,8 +243,9 @@ class PerceptualLoss(nn.Module):
 
 
 def alignment_loss(predicted: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
-    """SPEC Eq. 2: ``1 - (1/N) sum_n cos(h(z_t)[n], y[n])``, averaged over tokens and batch."""
-    return 1.0 - F.cosine_similarity(predicted.float(), teacher_tokens.float(), dim=-1).mean()
+    """SPEC Eq. 2: ``1 - (1/N) sum_n cos(h(z_t)[n], y[n])``, averaged over tokens and batch (float32)."""
+    with _float32(predicted.device):
+        return 1.0 - F.cosine_similarity(predicted.float(), teacher_tokens.float(), dim=-1).mean()
 
 
 def vf_loss(
@@ -248,13 +256,15 @@ def vf_loss(
     - marginal cosine: ``mean_{b,i} relu(1 - m_cos - cos(z_i, f_i))``;
     - marginal distance matrix: ``mean_{b,i,j} relu(|cos(z_i, z_j) - cos(f_i, f_j)| - m_dist)`` over
       the N tokens of each image.
-    Returns ``(cosine term, distance-matrix term)``; VA-VAE adds them with weight 1 each.
+    Returns ``(cosine term, distance-matrix term)`` in float32 (the N x N cosine matrices too);
+    VA-VAE adds them with weight 1 each.
     """
-    z = F.normalize(z_tokens.float(), dim=-1)
-    f = F.normalize(teacher_tokens.float(), dim=-1)
-    cos_term = F.relu(1.0 - margin_cos - (z * f).sum(-1)).mean()
-    distance = (z @ z.transpose(1, 2) - f @ f.transpose(1, 2)).abs()
-    dist_term = F.relu(distance - margin_dist).mean()
+    with _float32(z_tokens.device):
+        z = F.normalize(z_tokens.float(), dim=-1)
+        f = F.normalize(teacher_tokens.float(), dim=-1)
+        cos_term = F.relu(1.0 - margin_cos - (z * f).sum(-1)).mean()
+        distance = (z @ z.transpose(1, 2) - f @ f.transpose(1, 2)).abs()
+        dist_term = F.relu(distance - margin_dist).mean()
     return cos_term, dist_term
 
 
@@ -287,6 +297,8 @@ class NoAlignment(Alignment):
 class VFAlignment(Alignment):
     """VA-VAE's VF loss on a linear 1x1 projection (no bias) of z to the teacher width.
 
+    VA-VAE projects the raw posterior sample; the training step passes it unnormalised when
+    ``alignment.normalize_latent=false`` (the vf presets).
     The latent grid must equal the teacher grid, or be a multiple of it (the projection is then
     average-pooled to the teacher grid, e.g. an f8 latent 32x32 against 16x16 DINOv2 tokens).
     VA-VAE weights the sum by ``adaptive_weight(nll, vf, encoder_last_layer, clamp=1e8) * 0.1``:
