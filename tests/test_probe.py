@@ -24,6 +24,7 @@ from sendvae.eval.probe import (
     factor_accuracy,
     fit_linear_probe,
     top_k_recall,
+    top_k_recall_per_image,
 )
 
 
@@ -102,6 +103,25 @@ def test_thresholds_maximise_f1_against_brute_force():
         assert f1 == pytest.approx(brute, abs=1e-6)
 
 
+def test_top_k_recall_counts_per_attribute_as_deepfashion_does():
+    """mmfashion's protocol: recall per attribute (its positives ranked in the top k), then the mean over
+    the best attributes; the per-image average is another number on the same scores."""
+    nan = math.nan
+    y = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 0, nan, 0], [0, 0, 1, 0]], dtype=torch.float32)
+    scores = torch.tensor([[0.9, 0.5, 0.1, 0.0], [0.8, 0.3, 0.2, 0.0], [0.2, 0.7, 0.1, 0.0], [0.1, 0.2, 0.9, 0.0]])
+    # top-1 picks attribute 0, 0, 1, 2. Attribute 0: positive in images 0-2, ranked first in 0 and 1 -> 2/3;
+    # attribute 1: positive in image 0 only, which ranks attribute 0 first -> 0; attribute 2: positive in
+    # image 3 (image 2's label is unknown) -> 1; attribute 3 has no positive and does not count.
+    assert top_k_recall(scores, y, 1) == pytest.approx((2 / 3 + 0 + 1) / 3)
+    assert top_k_recall(scores, y, 1, best=2) == pytest.approx((1 + 2 / 3) / 2)
+    assert top_k_recall(scores, y, 1, best=0) == top_k_recall(scores, y, 1, best=50)
+    # per image: 1/2, 1, 0, 1
+    assert top_k_recall_per_image(scores, y, 1) == pytest.approx(2.5 / 4)
+    # top-2 adds attribute 1 for images 0, 1 and 3 and attribute 0 for image 2: every positive is found
+    assert top_k_recall(scores, y, 2) == pytest.approx(1.0)
+    assert math.isnan(top_k_recall(scores, torch.zeros_like(y), 1))
+
+
 def test_f1_top_k_and_factor_accuracy_by_hand():
     nan = math.nan
     y = torch.tensor([[1, 0, 1, 0], [0, 1, nan, 0], [1, 1, 0, 0]], dtype=torch.float32)
@@ -114,9 +134,9 @@ def test_f1_top_k_and_factor_accuracy_by_hand():
     assert math.isnan(per_attr[3])
     assert micro == pytest.approx(2 * 3 / (2 * 3 + 1 + 2))
     scores = torch.tensor([[0.9, 0.1, 0.5, 0.2], [0.1, 0.8, 0.9, 0.3], [0.2, 0.9, 0.8, 0.1]])
-    # top-1: image 0 hits 1/2, image 1 hits 0/1 (its NaN label is not a positive), image 2 hits 1/2
-    assert top_k_recall(scores, y, 1) == pytest.approx((0.5 + 0 + 0.5) / 3)
-    assert top_k_recall(scores, y, 2) == pytest.approx((1.0 + 1.0 + 0.5) / 3)
+    # per image, top-1: image 0 hits 1/2, image 1 hits 0/1 (its NaN label is not a positive), image 2 hits 1/2
+    assert top_k_recall_per_image(scores, y, 1) == pytest.approx((0.5 + 0 + 0.5) / 3)
+    assert top_k_recall_per_image(scores, y, 2) == pytest.approx((1.0 + 1.0 + 0.5) / 3)
     groups = {"left": [0, 1], "right": [2, 3]}
     onehot = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0], [1, 0, nan, nan]], dtype=torch.float32)
     acc = factor_accuracy(scores, onehot, groups)

@@ -29,6 +29,8 @@ class ProbeConfig:
     pca_dim: int = param(0, "PCA the VAE features to this many dims first (0 = no: the paper's setting)", min=0)
     reference_pca_dim: int = param(512, "PCA reference rows (pixels, teacher) wider than this (0 = never)", min=0)
     top_k: list[int] = param([3, 5], "k values for top-k recall (DeepFashion protocol)")
+    recall_best: int = param(50, "top-k recall: per-attribute recall averaged over this many best attributes "
+                             "(mmfashion's DeepFashion protocol: 50); 0 = all attributes with a positive", min=0)
     latent_metrics: bool = param(False, "also compute uniformity, GMM discrimination and class-probe accuracy per row")
     gmm_k_grid: list[int] = param([1, 2, 4, 8, 16, 32, 64], "GMM component counts for the discrimination metric")
     seed: int = param(0, "seed for the validation carve, subsets, posterior samples and random-init VAEs")
