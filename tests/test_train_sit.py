@@ -218,3 +218,35 @@ def test_train_sit_command_names_a_missing_cache(tmp_path, capsys):
 
     code = main(["train-sit", "--out", str(tmp_path / "run"), f"data.cache={tmp_path / 'nothing'}"])
     assert code == 2 and "nothing" in capsys.readouterr().err
+
+
+def test_lightningdit_style_sit_trains_with_the_direction_term(cache, tmp_path):
+    """LightningDiT-T/1 (RoPE, SwiGLU, RMSNorm) + QK-norm, logit-normal shifted t, cosine term: trains and reloads."""
+    _, cache_dir = cache
+    cfg = config(cache_dir, **{
+        "model.preset": "LightningDiT-T/1", "model.qk_norm": True, "transport.time_sampling": "logit-normal",
+        "transport.time_shift": 2.0, "transport.cosine_weight": 1.0, "train.total_images": 64, "optim.lr": 1e-3,
+    })
+    start = build_sit_stage(cfg)[0].model.state_dict()
+    summary = train_sit(cfg, tmp_path / "run")
+    assert summary["status"] == "finished" and summary["images_seen"] == 64
+    last = metrics(tmp_path / "run")[-1]
+    assert 0 < last["sit/cosine"] <= 2
+    assert last["sit/loss"] == pytest.approx(last["sit/denoise"] + last["sit/cosine"] + 0.5 * last["sit/repa"], rel=1e-4)
+    run = load_sit_run(tmp_path / "run", weights="model")
+    args = run.model.args
+    assert (args.pos, args.mlp, args.norm, args.qk_norm) == ("rope2d", "swiglu", "rmsnorm", True)
+    trained = run.model.state_dict()
+    assert set(trained) == set(start) and "feat_rope.freqs_cos" in trained and "blocks.0.mlp.w12.weight" in trained
+    assert not torch.equal(trained["blocks.0.norm1.weight"], start["blocks.0.norm1.weight"])  # the RMSNorm scale learns
+    assert all(torch.isfinite(v).all() for v in trained.values())
+
+
+def test_model_options_override_the_preset(cache):
+    _, cache_dir = cache
+    stage, _ = build_sit_stage(config(cache_dir, **{"model.preset": "LightningDiT-T/1", "model.norm": "layernorm"}))
+    assert (stage.model.args.pos, stage.model.args.mlp, stage.model.args.norm) == ("rope2d", "swiglu", "layernorm")
+    stage, _ = build_sit_stage(config(cache_dir, **{"model.pos": "rope2d"}))
+    assert (stage.model.args.pos, stage.model.args.mlp) == ("rope2d", "gelu")
+    with pytest.raises(UserError, match="model.mlp"):
+        config(cache_dir, **{"model.mlp": "relu"})

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from sendvae.transport import (
-    interpolate, sample_time, shift_time, velocity_target, velocity_to_data, velocity_to_score,
+    interpolate, sample_time, shift_time, velocity_cosine_loss, velocity_target, velocity_to_data,
+    velocity_to_score,
 )
 
 
@@ -49,3 +50,17 @@ def test_time_sampling_ranges_and_shift():
     assert shifted.mean() > uniform.mean() + 0.1  # a shift > 1 moves mass toward noise
     torch.testing.assert_close(shifted, shift_time(uniform, 3.0))
     assert shift_time(0.5, 1.0) == 0.5
+
+
+def test_logit_normal_time_is_the_sigmoid_of_a_normal():
+    t = sample_time(20_000, "logit-normal", generator=torch.Generator().manual_seed(2), mean=0.5, std=0.7)
+    n = torch.logit(t.double())
+    assert abs(n.mean().item() - 0.5) < 0.02 and abs(n.std().item() - 0.7) < 0.02
+
+
+def test_velocity_cosine_loss_is_one_minus_the_channel_cosine_per_position():
+    v, u = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6)
+    cos = (v * u).sum(1) / (v.norm(dim=1) * u.norm(dim=1))  # over channels, at each of the 5 x 6 positions
+    torch.testing.assert_close(velocity_cosine_loss(v, u), (1 - cos).mean())
+    assert velocity_cosine_loss(2 * u, u).item() < 1e-6  # the length of the prediction does not matter
+    assert abs(velocity_cosine_loss(-u, u).item() - 2.0) < 1e-6

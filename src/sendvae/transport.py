@@ -13,6 +13,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 TimeSampling = Literal["uniform", "lognormal", "logit-normal"]
 
@@ -30,6 +31,17 @@ def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.
 def velocity_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The velocity of the linear path, ``noise - x`` (what the model learns to predict)."""
     return noise - x
+
+
+def velocity_cosine_loss(v_pred: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor:
+    """LightningDiT's velocity-direction term ``1 - cos(v_pred, v_target)``, in float32.
+
+    As in LightningDiT's transport (``use_cosine_loss``): the cosine is taken over the channels
+    (dim 1) at each latent position, and ``1 - cos`` is averaged over the positions of a sample and then
+    over the batch. It penalises the direction of the predicted velocity only, not its length.
+    """
+    cos = F.cosine_similarity(v_pred.float(), v_target.float(), dim=1, eps=1e-8)
+    return (1.0 - cos).mean()
 
 
 def velocity_to_data(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +71,8 @@ def sample_time(
     - ``uniform``: t ~ U(0, 1) (SiT, REPA, Send-VAE's noise injection).
     - ``lognormal``: log sigma ~ N(mean, std), t = sigma / (1 + sigma) (REPA's ``--weighting
       lognormal``; EDM uses mean -1.2, std 1.2).
-    - ``logit-normal``: t = sigmoid(n), n ~ N(mean, std) (SD3, LightningDiT).
+    - ``logit-normal``: t = sigmoid(n), n ~ N(mean, std) (SD3, LightningDiT). In a t = 0-noise code
+      base the same law has mean -mean; LightningDiT's N(0, 1) is the same in both.
     ``shift`` > 1 moves mass toward noise: ``t' = shift t / (1 + (shift - 1) t)`` (SD3 / RAE shift).
     """
     if mode == "uniform":
@@ -76,7 +89,11 @@ def sample_time(
 
 
 def shift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
-    """The resolution shift ``shift t / (1 + (shift - 1) t)`` (identity for shift = 1)."""
+    """The resolution shift ``shift t / (1 + (shift - 1) t)`` (identity for shift = 1).
+
+    In a t = 0-noise code base the same formula with shift ``s`` is this one with ``1 / s``: e.g.
+    LightningDiT's sampling ``timestep_shift`` 0.3 is a shift of 1 / 0.3 here (toward noise).
+    """
     if math.isclose(shift, 1.0):
         return t
     return shift * t / (1.0 + (shift - 1.0) * t)

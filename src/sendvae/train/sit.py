@@ -9,14 +9,17 @@ One step, per micro-batch of cached posteriors (:mod:`sendvae.data.latents`):
 3. drop labels to the null class with probability 0.1 (classifier-free guidance);
 4. ``L = mean ||v_theta(z_t, t, y) - (noise - z)||^2 + lambda * L_REPA`` with
    ``L_REPA = -mean_n cos(h_phi(block_k(z_t))[n], y_teacher[n])`` (lambda 0.5), the teacher tokens of
-   the same (possibly flipped) image, computed on the fly or read from the cache.
+   the same (possibly flipped) image, computed on the fly or read from the cache; with
+   ``transport.cosine_weight`` > 0 plus LightningDiT's direction term ``w * mean(1 - cos(v_theta, noise - z))``
+   (:func:`sendvae.transport.velocity_cosine_loss`).
 
 Every random draw (flip, posterior noise, t, noise, label dropout) is made for the whole global batch
 from a generator seeded by ``(seed, images seen)``, and each process keeps its rows: a resumed run
 repeats the uninterrupted one exactly, and the result does not depend on the number of processes or
 on gradient accumulation. Recipe defaults: AdamW lr 1e-4, betas (0.9, 0.999), no weight decay,
 gradient clip 1.0, EMA 0.9999 (REPA / REPA-E). Loss reductions: the velocity MSE is the mean over
-batch, channels and positions; the REPA term is the mean over batch and tokens.
+batch, channels and positions; the REPA term is the mean over batch and tokens; the direction term
+takes the cosine over channels and the mean over positions and batch.
 
 The run publishes ``RUN/sit/``: ``config.json`` (model arguments, preset, classes, latent shape, VAE
 path and fingerprint, teacher), ``ema.safetensors`` and ``model.safetensors``; :func:`load_sit_run`
@@ -51,7 +54,7 @@ from sendvae.train.sit_config import (
     TrainSiTConfig,
     TransportConfig,
 )
-from sendvae.transport import interpolate, sample_time, velocity_target
+from sendvae.transport import interpolate, sample_time, velocity_cosine_loss, velocity_target
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +145,19 @@ class SiTStage:
         return out
 
     def loss(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Velocity MSE (mean over all elements) + lambda * REPA loss, in float32."""
+        """Velocity MSE (mean over all elements) [+ w * direction term] + lambda * REPA loss, in float32."""
         z, t, noise = batch["latent"], batch["t"], batch["noise"]
         with ctx.autocast():
             out = ctx.module("sit")(interpolate(z, noise, t), t, batch["label"], return_tokens=self.repa)
         velocity, tokens = out if self.repa else (out, None)
-        denoise = (velocity.float() - velocity_target(z, noise)).square().mean()
+        target = velocity_target(z, noise)
+        denoise = (velocity.float() - target).square().mean()
         logs: dict[str, Any] = {"denoise": denoise.detach()}
         loss = denoise
+        if self.cfg.transport.cosine_weight > 0:
+            cosine = velocity_cosine_loss(velocity, target)
+            loss = loss + self.cfg.transport.cosine_weight * cosine
+            logs["cosine"] = cosine.detach()
         if self.repa:
             align = repa_loss(tokens, [batch["teacher"]])
             loss = loss + self.cfg.repa.weight * align
@@ -282,8 +290,9 @@ def build_sit_stage(cfg: TrainSiTConfig) -> tuple[SiTStage, LatentDataset]:
     c, h, w = cache.latent_shape
     if h != w:
         raise ConfigError(f"data.cache: latents are {h}x{w}; the SiT needs square latents")
+    options = {name: value for name in ("pos", "mlp", "norm") if (value := getattr(cfg.model, name)) != "preset"}
     args = preset_args(cfg.model.preset, input_size=h, in_channels=c, num_classes=cache.num_classes,
-                       qk_norm=cfg.model.qk_norm, projector_dim=cfg.model.projector_dim)
+                       qk_norm=cfg.model.qk_norm, projector_dim=cfg.model.projector_dim, **options)
     if cfg.model.encoder_depth:
         args.encoder_depth = cfg.model.encoder_depth
     if h % args.patch_size:

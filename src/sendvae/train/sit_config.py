@@ -11,25 +11,47 @@ from sendvae.train.loop_config import LoopConfig
 
 @dataclass
 class ModelConfig:
-    """The SiT: size preset, REPA projector block, label dropout."""
+    """The SiT: size preset, architecture options, REPA projector block, label dropout.
 
-    preset: str = param("SiT-T/1", "SiT-{XL,L,B,S,M,T}/{1,2,4}: official sizes XL/L/B/S, tiny CPU sizes M/T")
+    ``pos`` / ``mlp`` / ``norm`` left at ``preset`` take the preset's choice (``SiT-*``: sincos, gelu,
+    layernorm as in SiT / REPA; ``LightningDiT-*``: rope2d, swiglu, rmsnorm as in LightningDiT); see
+    :mod:`sendvae.models.sit`.
+    """
+
+    preset: str = param(
+        "SiT-T/1", "{SiT,LightningDiT}-{XL,L,B,S,M,T}/{1,2,4}: official sizes XL/L/B/S, tiny CPU sizes M/T")
     encoder_depth: int = param(
         0, "REPA projector after this block (1-based); 0 = preset default (8 XL/L, 4 B/S)", min=0)
-    qk_norm: bool = param(False, "LayerNorm on queries and keys (not in the official SiT)")
+    pos: Literal["preset", "sincos", "rope2d"] = param(
+        "preset", "positions: sincos = fixed 2D sin-cos (SiT); rope2d = plus 2-D RoPE on q/k (LightningDiT, EVA-02)")
+    mlp: Literal["preset", "gelu", "swiglu"] = param(
+        "preset", "block MLP: gelu (SiT) or swiglu = silu(x W1) * (x W2) W3 with 2/3 of the width (LightningDiT)")
+    norm: Literal["preset", "layernorm", "rmsnorm"] = param(
+        "preset", "block norms: layernorm without affine (SiT) or rmsnorm with a learnt scale (LightningDiT)")
+    qk_norm: bool = param(
+        False, "normalise each head's queries and keys (LayerNorm, RMSNorm with norm=rmsnorm; not in SiT/REPA)")
     label_dropout: float = param(0.1, "probability of replacing a label by the null class (for CFG)", min=0.0, max=1.0)
     projector_dim: int = param(2048, "hidden width of the REPA projector MLP", min=1)
 
 
 @dataclass
 class TransportConfig:
-    """Training-time distribution (linear path, velocity target, t = 1 noise)."""
+    """Training times and loss terms (linear path, velocity target, t = 1 noise; :mod:`sendvae.transport`).
+
+    REPA / REPA-E train with uniform t and the velocity MSE alone (the defaults). LightningDiT adds
+    logit-normal t (``time_sampling=logit-normal``, mean 0, std 1: the same law in either time
+    convention) and its velocity-direction term with weight 1 (``cosine_weight=1``).
+    """
 
     time_sampling: Literal["uniform", "lognormal", "logit-normal"] = param(
-        "uniform", "distribution of training times t")
-    time_mean: float = param(0.0, "mean of the normal behind lognormal / logit-normal t")
+        "uniform", "distribution of training times t: uniform (SiT, REPA), lognormal (REPA's option), "
+        "logit-normal t = sigmoid(n), n ~ N(time_mean, time_std) (SD3, LightningDiT)")
+    time_mean: float = param(0.0, "mean of the normal behind lognormal / logit-normal t (> 0: toward noise)")
     time_std: float = param(1.0, "std of the normal behind lognormal / logit-normal t", min=0.0)
     time_shift: float = param(1.0, "shift t' = s t / (1 + (s - 1) t) toward noise; 1 = none", min=0.0)
+    cosine_weight: float = param(
+        0.0, "weight of LightningDiT's direction term 1 - cos(v_pred, v_target) (cosine over channels at each "
+        "latent position, averaged); 0 = off, LightningDiT uses 1", min=0.0)
 
 
 @dataclass
