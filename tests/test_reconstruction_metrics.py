@@ -144,7 +144,7 @@ def test_eval_vae_command(tmp_path, monkeypatch, capsys):
 
     import sendvae.eval.inception as inception_module
     from sendvae.cli import main
-    from sendvae.models.vae import build_vae, save_vae
+    from sendvae.models.vae import build_vae, load_vae, save_vae
 
     monkeypatch.setattr(
         inception_module, "InceptionFeatures", lambda weights=None, device="cpu", dtype=None: FakeInception()
@@ -175,6 +175,18 @@ def test_eval_vae_command(tmp_path, monkeypatch, capsys):
     metrics = json.loads(out.read_text())
     assert metrics["num_images"] == 6 and math.isfinite(metrics["psnr"]) and 0 < metrics["lpips"]
     assert -1 <= metrics["ssim"] <= 1 and metrics["rfid"] > 0
-    assert "PSNR" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "sample (seed 0)" in printed
+    # the published rFID protocol by default: a posterior sample seeded per image, recorded as such
+    assert (metrics["posterior"], metrics["seed"]) == ("sample", 0)
+    vae = load_vae(tmp_path / "vae").eval()
+    sampled = evaluate_reconstruction(vae_reconstructor(vae, sample_posterior=True, seed=0),
+                                      ImageSource("shapes:6", resolution=vae.resolution), None)
+    assert metrics["psnr"] == pytest.approx(sampled.psnr, rel=1e-6)
+    assert main(["eval-vae", "--vae", str(tmp_path / "vae"), "--data", "shapes:6", "--lpips", "none",
+                 "--device", "cpu", "--posterior", "mean", "--json", str(out)]) == 0
+    of_mean = json.loads(out.read_text())
+    assert (of_mean["posterior"], of_mean["seed"]) == ("mean", None) and of_mean["psnr"] != metrics["psnr"]
+    assert "decoded  mean" in capsys.readouterr().out
     assert main(["eval-vae", "--vae", str(tmp_path / "missing"), "--data", "shapes:6"]) == 2
     assert "missing" in capsys.readouterr().err

@@ -1,7 +1,10 @@
 """Reconstruction metrics of a VAE (SPEC.md section 5): rFID, PSNR, SSIM, LPIPS.
 
-Every image is encoded, decoded (posterior mean by default) and rounded to uint8 with the pixel
-convention (``sendvae.pixels.to_uint8``), so the metrics judge the images a user would save:
+Every image is encoded, decoded and rounded to uint8 with the pixel convention
+(``sendvae.pixels.to_uint8``), so the metrics judge the images a user would save. What is decoded is
+a switch (``posterior``): ``sample`` (the default of :func:`evaluate_vae` and ``sendvae eval-vae``), a
+posterior sample with noise seeded per image, as LightningDiT's tokenizer evaluation does (the source
+of VA-VAE's rFID 0.28), or ``mean``, the posterior mean. The metrics record which.
 
 - **rFID**: Frechet distance between Inception ``pool_3`` statistics of the reconstructions and of
   the originals (not the ADM reference batch: the protocol of RAE #11, 50k ImageNet val crops).
@@ -87,7 +90,8 @@ def vae_reconstructor(
     """uint8 -> ``vae.decode(z)`` -> uint8, with z the posterior mean, or a posterior sample.
 
     A sample for the i-th image seen uses noise seeded by (seed, i) (as the samplers do), so it does
-    not depend on the batch size. Images must come in their dataset order.
+    not depend on the batch size. Images must come in their dataset order. (:func:`evaluate_vae`
+    decodes a sample by default, the published rFID protocol.)
     """
     from sendvae.sampling import PerSampleNoise
 
@@ -116,6 +120,8 @@ class ReconstructionMetrics:
     lpips: float | None
     data: str = ""
     vae: str = ""
+    posterior: str = ""  # what was decoded: "sample" (seeded per image by ``seed``) or "mean"
+    seed: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -124,6 +130,7 @@ class ReconstructionMetrics:
         rows = [
             ("data", self.data),
             ("vae", self.vae),
+            ("decoded", self.posterior if self.seed is None else f"{self.posterior} (seed {self.seed})"),
             ("images", self.num_images),
             ("rFID", self.rfid),
             ("PSNR", self.psnr),
@@ -193,12 +200,15 @@ def evaluate_vae(
     inception: str | None = None,
     lpips: str | None = None,
     device: str = "auto",
-    sample_posterior: bool = False,
+    posterior: str = "sample",
     seed: int = 0,
     num_workers: int = 0,
     json_out: str | None = None,
 ) -> ReconstructionMetrics:
     """``sendvae eval-vae``: load the VAE, reconstruct ``data`` and measure rFID, PSNR, SSIM, LPIPS.
+
+    ``posterior="sample"`` (the published rFID protocol) decodes a posterior sample seeded by
+    ``(seed, image index)``; ``"mean"`` the posterior mean.
 
     LPIPS needs the VGG16 weights: with ``lpips`` None it uses them when torchvision's cache has
     them and is skipped (with a warning) otherwise; ``lpips="none"`` skips it.
@@ -209,6 +219,8 @@ def evaluate_vae(
     from sendvae.losses import PerceptualLoss
     from sendvae.models.vae import load_vae
 
+    if posterior not in ("sample", "mean"):
+        raise UserError(f"--posterior {posterior}: use sample (the published rFID protocol) or mean")
     where = resolve_device(device, setting="--device")
     autoencoder = load_vae(vae).to(where).eval()
     if resolution is None and data.startswith("shapes:"):
@@ -223,14 +235,15 @@ def evaluate_vae(
                 raise
             log.warning("LPIPS skipped: %s", exc)
     metrics = evaluate_reconstruction(
-        vae_reconstructor(autoencoder, where, sample_posterior, seed),
+        vae_reconstructor(autoencoder, where, posterior == "sample", seed),
         source,
         InceptionFeatures(inception, where),
         perceptual,
         batch_size=batch_size,
         device=where,
     )
-    metrics.vae = str(vae)
+    metrics.vae, metrics.posterior = str(vae), posterior
+    metrics.seed = seed if posterior == "sample" else None
     if json_out:
         write_metrics(metrics.to_json(), json_out)
     return metrics
