@@ -220,6 +220,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift.unsqueeze(1), x, scale.unsqueeze(1) + 1)
 
 
+class RMSNorm(nn.RMSNorm):
+    """``x / sqrt(mean(x^2) + eps) * weight`` computed in float32 and returned in the input's dtype.
+
+    LightningDiT normalises in float32 too; it also lets PyTorch's fused kernel run under bf16 autocast,
+    which hands a bf16 input to a float32 weight (a mix the kernel refuses).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
 def build_norm(kind: NormKind, dim: int, on_heads: bool = False) -> nn.Module:
     """The normalisation ``kind`` over the last ``dim`` features.
 
@@ -229,7 +240,7 @@ def build_norm(kind: NormKind, dim: int, on_heads: bool = False) -> nn.Module:
     (LightningDiT).
     """
     if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=1e-6)
+        return RMSNorm(dim, eps=1e-6)
     if on_heads:
         return nn.LayerNorm(dim)
     return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
