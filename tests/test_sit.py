@@ -450,3 +450,14 @@ def test_forward_flops_of_a_lightningdit_preset_match_torch_flop_counter(monkeyp
     with counter, torch.no_grad():
         model(x, t, y, return_tokens=True)
     assert forward_flops(args) * 3 == counter.get_total_flops()
+
+
+def test_run_config_without_the_options_reads_as_the_sit_block():
+    """config.json of runs written before the options existed still loads, as the SiT / REPA block."""
+    from sendvae.models.sit import args_from_dict, args_to_dict
+
+    old = {k: v for k, v in args_to_dict(preset_args("SiT-T/1")).items() if k not in ("pos", "mlp", "norm")}
+    args = args_from_dict(old)
+    assert (args.pos, args.mlp, args.norm) == ("sincos", "gelu", "layernorm")
+    with pytest.raises(UserError, match="pos='alibi'"):
+        SiT(args_from_dict({**old, "pos": "alibi"}))
