@@ -74,6 +74,35 @@ def test_alignment_gradients_reach_encoder_and_mapper_never_decoder_or_teacher(t
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
 
 
+def test_disc_settings_that_contradict_disc_init_are_refused(tmp_path: Path) -> None:
+    """With loss.disc_init the architecture comes from the file: a non-default disc_channels / disc_layers /
+    disc_norm the file contradicts stops with both values; defaults (ndf 64, 3 layers, batch norm here
+    all differ from the file) and agreeing values load the file."""
+    from safetensors.torch import save_file
+
+    from sendvae.config import ConfigError
+    from sendvae.models.discriminator import PatchDiscriminator
+    from sendvae.train.vae import initial_discriminator
+
+    disc = PatchDiscriminator(3, ndf=32, n_layers=2, norm="act")
+    save_file(disc.state_dict(), str(tmp_path / "disc.safetensors"))
+    init = f"loss.disc_init={tmp_path / 'disc.safetensors'}"
+    for setting, message in (("loss.disc_layers=4", "loss.disc_layers=4 contradicts .* disc_layers=2"),
+                             ("loss.disc_channels=48", "loss.disc_channels=48 contradicts .* disc_channels=32"),
+                             ("loss.disc_norm=act", None), ("loss.disc_layers=2", None), ("loss.disc_channels=64", None)):
+        loss = tiny(init, setting).loss
+        if message:
+            with pytest.raises(ConfigError, match=message):
+                initial_discriminator(loss)
+        else:
+            loaded = initial_discriminator(loss)
+            assert (loaded.ndf, loaded.n_layers, loaded.norm) == (32, 2, "act")
+            assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), disc.state_dict().values()))
+    save_file(PatchDiscriminator(3, ndf=32, n_layers=2).state_dict(), str(tmp_path / "batch.safetensors"))
+    with pytest.raises(ConfigError, match="loss.disc_norm=act contradicts .* disc_norm=batch"):
+        initial_discriminator(tiny(f"loss.disc_init={tmp_path / 'batch.safetensors'}", "loss.disc_norm=act").loss)
+
+
 def test_gan_phase_starts_at_gan_start(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = tiny("alignment.kind=none", "loss.gan_weight=0.1", "loss.gan_start=32", "loss.disc_channels=32",

@@ -219,6 +219,22 @@ def initial_vae(cfg: TrainVAEConfig) -> VAE:
     return load_vae(init)
 
 
+def initial_discriminator(loss: LossConfig) -> PatchDiscriminator:
+    """The PatchGAN: random init from ``loss.disc_channels`` / ``disc_layers`` / ``disc_norm``, or the
+    weights of ``loss.disc_init`` with the architecture read from the file. With ``disc_init`` a setting
+    at its default means "as in the file"; any other value the file contradicts is refused, never dropped."""
+    if not loss.disc_init:
+        return PatchDiscriminator(3, loss.disc_channels, loss.disc_layers, loss.disc_norm)
+    disc = load_discriminator(loss.disc_init)
+    defaults = LossConfig()
+    for key, loaded in (("disc_channels", disc.ndf), ("disc_layers", disc.n_layers), ("disc_norm", disc.norm)):
+        value = getattr(loss, key)
+        if value != loaded and value != getattr(defaults, key):
+            raise ConfigError(f"loss.{key}={value} contradicts loss.disc_init={loss.disc_init}, whose discriminator "
+                              f"has {key}={loaded}: set loss.{key}={loaded} or leave it at its default")
+    return disc
+
+
 def build_vae_stage(cfg: TrainVAEConfig,
                     device: torch.device | str = "cpu") -> tuple[VAEStage, torch.utils.data.Dataset]:
     """The stage and its dataset from a config; models are built on CPU, statistics measured on ``device``."""
@@ -253,8 +269,7 @@ def build_vae_stage(cfg: TrainVAEConfig,
     discriminator = None
     if loss.gan_weight > 0:
         torch.manual_seed(cfg.train.seed + 2)
-        discriminator = (load_discriminator(loss.disc_init) if loss.disc_init else
-                         PatchDiscriminator(3, loss.disc_channels, loss.disc_layers, loss.disc_norm))
+        discriminator = initial_discriminator(loss)
     perceptual = PerceptualLoss(loss.lpips_weights or None) if loss.lpips_weight > 0 else None
     log.info("stage 1: VAE %s (%s), %d-channel %dx%d latent; alignment %s%s; GAN %s; LPIPS %s",
              vae.preset or "custom", cfg.model.init, vae.latent_channels, latent_grid, latent_grid, a.kind,

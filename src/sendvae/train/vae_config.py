@@ -57,7 +57,9 @@ class LossConfig:
     disc_layers: int = param(3, "PatchGAN layers", min=1)
     disc_channels: int = param(64, "PatchGAN base width", min=1)
     disc_norm: Literal["batch", "act"] = param("batch", "PatchGAN normalisation (LDM / REPA-E: batch)")
-    disc_init: str = param("", "pretrained discriminator weights (LDM / REPA-E layout); empty = random init")
+    disc_init: str = param("", "pretrained discriminator weights (LDM / REPA-E layout; the architecture is read from "
+                           "the file, and disc_channels / layers / norm must agree or stay at their defaults); "
+                           "empty = random init")
 
 
 @dataclass
