@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures.fake_features import FakeInception
 from scipy import linalg
 from scipy.spatial.distance import cdist
 
@@ -28,7 +30,12 @@ from sendvae.eval.generation import (
     precision_recall,
     read_reference_stats,
 )
-from sendvae.eval.inception import INCEPTION_ENV, INCEPTION_FILE, InceptionFeatures, find_inception_weights
+from sendvae.eval.inception import (
+    INCEPTION_ENV,
+    INCEPTION_FILE,
+    InceptionFeatures,
+    find_inception_weights,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Frechet distance and statistics
@@ -217,24 +224,6 @@ def inception(random_inception_file) -> InceptionFeatures:
     return InceptionFeatures(random_inception_file)
 
 
-class FakeInception:
-    """A cheap stand-in with Inception's interface: fixed random projections of the image, per image, float64."""
-
-    name = "inception"
-    device = torch.device("cpu")
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.pool = torch.randn(3 * 8 * 8, 16, generator=g, dtype=torch.float64) / 8
-        self.logits = torch.randn(16, 10, generator=g, dtype=torch.float64)
-        self.spatial = torch.randn(3 * 8 * 8, 12, generator=g, dtype=torch.float64) / 8
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = torch.nn.functional.adaptive_avg_pool2d(images.double() / 255, 8).flatten(1)
-        pool = torch.relu(x @ self.pool)
-        return {"pool": pool, "logits": pool @ self.logits, "spatial": torch.tanh(x @ self.spatial)}
-
-
 def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -346,8 +335,6 @@ def test_reference_format_and_evaluation_are_batch_size_invariant(tmp_path):
 
 
 def test_evaluate_command_makes_a_reference_and_evaluates(tmp_path, monkeypatch, capsys):
-    import json
-
     import sendvae.eval.inception as inception_module
     from sendvae.cli import main
 
@@ -398,10 +385,18 @@ def test_evaluate_command_makes_a_reference_and_evaluates(tmp_path, monkeypatch,
     assert metrics["num_samples"] == 16 and metrics["num_reference_images"] == 12
     assert metrics["fid"] > 0 and metrics["frechet"]["effnet-lite0"] > 0 and 0 <= metrics["precision"] <= 1
     printed = capsys.readouterr().out
-    assert "gFID" in printed and "FD effnet-lite0" in printed
-    # the default metrics file sits next to the samples
+    assert "gFID" in printed and "FD_effnet-lite0" in printed and "not recorded" in printed
+    protocol = metrics["protocol"]
+    assert protocol["reference"]["path"] == str(ref) and len(protocol["reference"]["sha256"]) == 64
+    assert protocol["reference"]["statistics"]["effnet-lite0.pool"] == "stored in the reference file"
+    lite0 = protocol["feature_spaces"]["effnet-lite0"]
+    assert lite0["weights"] is None and "mean" in lite0["features"] and "bicubic" in lite0["input"]
+    # the default metrics file sits next to the samples; without --dinov2 the FD space is the offline teacher's
     assert main(["evaluate", str(tmp_path / "samples.npz"), "--ref", str(ref), "--device", "cpu", "--no-kid"]) == 0
-    assert json.loads((tmp_path / "samples.metrics.json").read_text())["kid"] is None
+    default = json.loads((tmp_path / "samples.metrics.json").read_text())
+    assert default["kid"] is None and default["frechet"] == pytest.approx(metrics["frechet"])
+    assert main(["evaluate", str(tmp_path / "samples.npz"), "--ref", str(ref), "--dinov2", str(tmp_path / "no")]) == 2
+    assert "--dinov2" in capsys.readouterr().err
 
 
 def test_evaluate_command_names_the_missing_inception_file(tmp_path, monkeypatch, capsys):
@@ -415,3 +410,71 @@ def test_evaluate_command_names_the_missing_inception_file(tmp_path, monkeypatch
     assert INCEPTION_FILE in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nothing.npz"), "--ref", str(tmp_path / "ref.npz")]) == 2
     assert "nothing.npz" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# FD in other feature spaces, and the protocol beside the numbers
+# ---------------------------------------------------------------------------------------------------
+
+
+class FakeTeacher:
+    """A feature space of its own: a fixed nonlinear projection of the 4x4-pooled image (6-d)."""
+
+    name = "fake"
+    device = torch.device("cpu")
+    protocol = {"implementation": "test projection"}
+
+    def __init__(self) -> None:
+        self.weight = torch.randn(3 * 4 * 4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = torch.nn.functional.adaptive_avg_pool2d(images.double() / 255, 4).flatten(1)
+        return {"pool": torch.tanh(x @ self.weight)}
+
+
+def _scipy_frechet(x: np.ndarray, y: np.ndarray) -> float:
+    """Frechet distance of Gaussians fitted to two feature sets, with scipy's sqrtm (the TTUR / ADM formula)."""
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    root = linalg.sqrtm(cov_x @ cov_y).real
+    return float(((mu_x - mu_y) ** 2).sum() + np.trace(cov_x + cov_y - 2 * root))
+
+
+def test_fd_in_a_teacher_space_matches_scipy_and_states_its_protocol(tmp_path):
+    import hashlib
+
+    teacher = FakeTeacher()
+    ref, samples = tmp_path / "ref.npz", tmp_path / "samples.npz"
+    real = _write_images(ref, 40, seed=0)
+    generated = _write_images(samples, 30, seed=4)
+    metrics = evaluate_samples(ImageSource(str(samples)), ref, FakeInception(), [teacher], batch_size=7, kid=False)
+    features = [teacher(torch.from_numpy(a).permute(0, 3, 1, 2))["pool"].numpy() for a in (generated, real)]
+    assert metrics.frechet["fake"] == pytest.approx(_scipy_frechet(*features), rel=1e-8)
+    assert "FD_fake" in metrics.table()
+    protocol = json.loads(json.dumps(metrics.to_json()))["protocol"]  # JSON-ready
+    assert protocol["num_samples"] == 30 and protocol["reference"]["images"] == 40
+    assert protocol["reference"]["sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
+    # a plain reference npz has no stored statistics: every one is computed from its images
+    assert protocol["reference"]["statistics"]["fake.pool"] == "computed from its arr_0 (40 images)"
+    assert protocol["feature_spaces"] == {"inception": FakeInception.protocol, "fake": teacher.protocol}
+    assert "uint8" in protocol["uint8"] and "round(clamp((x + 1) * 127.5, 0, 255))" in protocol["uint8"]
+    # samples not written by `sendvae sample` say so instead of guessing
+    assert protocol["sampling"] is None and protocol["label_sampling"] == "not recorded in the samples file"
+
+
+def test_dinov2_features_follow_edm2_protocol():
+    from sendvae.eval.inception import DinoV2Features
+
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 2}  # DINOv2-L/14's layout, shrunk; random weights
+    dino = DinoV2Features("random", model_kwargs=tiny)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8))
+    # EDM2: /255, bicubic resize to 224, ImageNet mean/std, the CLS token after the final norm
+    x = torch.nn.functional.interpolate(images.float() / 255, size=(224, 224), mode="bicubic", antialias=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1)
+    with torch.no_grad():
+        tokens = dino.teacher.model.forward_features((x - mean) / std)  # timm: [CLS, patches], final norm applied
+    assert tokens.shape == (3, 1 + 16 * 16, 32)
+    torch.testing.assert_close(dino(images)["pool"], tokens[:, 0], rtol=1e-4, atol=1e-4)
+    assert dino.protocol["weights"] == "random" and "CLS" in dino.protocol["implementation"]
+    assert dino.name == "dinov2" and dino.teacher.input_size == 224

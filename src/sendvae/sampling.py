@@ -105,6 +105,10 @@ class SamplingConfig:
         if self.sampler == "sde" and self.steps < 2:
             raise ConfigError(f"steps: the SDE sampler needs at least 2 steps, got {self.steps}")
 
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON values (as recorded in a samples file's metadata)."""
+        return {**asdict(self), "guidance_interval": list(self.guidance_interval)}
+
 
 def check_guidance_scale(scale: float) -> None:
     """Refuse a guidance scale below 1 (see the module notes: SiT / REPA would not guide at all there)."""
@@ -362,7 +366,7 @@ class SampleJob:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["latent_shape"] = list(self.latent_shape)
-        data["sampling"]["guidance_interval"] = list(self.sampling.guidance_interval)
+        data["sampling"] = self.sampling.to_json()
         return data
 
 

@@ -72,8 +72,11 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of :class:`sendvae.sampling.SamplingConfig` (shared with ``evaluate --checkpoints``)."""
+def add_sampling_arguments(parser: Any, seed: bool = True) -> None:
+    """The options of :class:`sendvae.sampling.SamplingConfig` (shared with ``evaluate --checkpoints``).
+
+    ``seed=False`` leaves ``--seed`` to a caller that defines it with its own help.
+    """
     parser.add_argument("--sampler", choices=("sde", "euler", "heun"), default="sde", help="default: sde")
     parser.add_argument(
         "--steps", type=int, default=250, help="model evaluations per sample without guidance (default 250)"
@@ -94,7 +97,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--guide-model", default="", help="autoguidance: the weaker SiT (run, RUN/checkpoints/ckpt-N or file)"
     )
     parser.add_argument("--labels", choices=("balanced", "random"), default="balanced", help="default: balanced")
-    parser.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i)")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i)")
 
 
 def sampling_config(args: argparse.Namespace) -> Any:

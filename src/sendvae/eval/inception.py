@@ -20,8 +20,17 @@ torch-fidelity conversion of the TF graph, ``pt_inception-2015-12-05-6726825d.pt
 ``weights-inception-2015-12-05-6726825d.pth``), given by path, by ``$SENDVAE_INCEPTION``, or found in
 the torch hub cache. The file is read with ``torch.load(weights_only=True)`` (or safetensors).
 
-Other feature spaces (the Frechet distance in DINOv2 or EfficientNet-Lite0 space) use a
-:class:`sendvae.models.teachers` teacher: its patch tokens, mean-pooled.
+Other feature spaces for the Frechet distance:
+
+- :class:`DinoV2Features`, EDM2's FD_DINOv2 (Karras et al. 2024, "Analyzing and improving the
+  training dynamics of diffusion models"): the final-norm CLS token of DINOv2-L/14 at 224 px
+  (uint8 -> /255 -> bicubic resize to 224 -> ImageNet mean/std), weights from a local file through
+  the teacher registry;
+- :class:`TeacherFeatures`: any :mod:`sendvae.models.teachers` teacher, its patch tokens mean-pooled
+  (the offline default is ``effnet-lite0``).
+
+Each extractor carries ``protocol``: a JSON-ready description (implementation, weights file and
+sha256, resize, normalisation, features) that ``sendvae evaluate`` writes next to its numbers.
 """
 
 from __future__ import annotations
@@ -58,8 +67,19 @@ class FeatureExtractor(Protocol):
 
     name: str
     device: torch.device
+    protocol: dict[str, Any]  # how the features are computed, for the metrics file
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+def weights_record(path: str | Path | None) -> dict[str, Any]:
+    """``{"weights": path, "weights_sha256": hex}`` of a weights file (a folder's files are not hashed)."""
+    from sendvae.train.checkpoint import sha256_file
+
+    if path is None:
+        return {"weights": None, "weights_sha256": None}
+    path = Path(path)
+    return {"weights": str(path), "weights_sha256": sha256_file(path) if path.is_file() else None}
 
 
 def find_inception_weights(path: str | Path | None = None) -> Path:
@@ -140,6 +160,15 @@ class InceptionFeatures(nn.Module):
         self.net.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
         self.device = torch.device(device)
         self.to(self.device)
+        self.protocol = {
+            "implementation": "torch-fidelity FeatureExtractorInceptionV3 ('inception-v3-compat'), a PyTorch port "
+            "of the TF graph classify_image_graph_def.pb (2015-12-05) that ADM's evaluator runs",
+            **weights_record(path),
+            "input": "uint8 images as float, TF1-style bilinear resize to 299 (torch-fidelity), (x - 128) / 128",
+            "features": "pool_3 (2048) for FID, precision/recall, KID; mixed_6/conv channels 0..6 in (H, W, C) "
+            "order (2023) for sFID; logits without bias (1008) for IS",
+            "dtype": str(dtype).removeprefix("torch."),
+        }
         log.info("Inception features from %s (%s)", path, dtype)
 
     def _keep_spatial(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -166,11 +195,58 @@ class TeacherFeatures(nn.Module):
         self.teacher = build_teacher(name, weights=weights)
         self.device = torch.device(device)
         self.to(self.device)
+        self.protocol = {
+            "implementation": f"sendvae teacher {name}: patch tokens mean-pooled to one vector per image",
+            **weights_record(weights),
+            "input": f"uint8 -> /255 -> the teacher's mean/std -> bicubic antialiased resize to "
+            f"{self.teacher.input_size} px",
+            "features": f"mean of {self.teacher.grid}x{self.teacher.grid} tokens ({self.teacher.dim})",
+        }
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.teacher(images.to(self.device))
         return {"pool": tokens.float().mean(dim=1)}
+
+
+DINOV2_FD_TEACHER = "dinov2-l"  # EDM2's FD_DINOv2 network: ViT-L/14
+DINOV2_FD_GRID = 16  # 16 x 14 = 224 px input
+
+
+class DinoV2Features(nn.Module):
+    """EDM2's FD_DINOv2 features: ``pool`` [B, 1024] = the final-norm CLS token of DINOv2-L/14 at 224 px.
+
+    Input as EDM2: uint8 -> /255 -> bicubic resize to 224 x 224 -> ImageNet mean/std (the teacher
+    registry's preprocessing normalises first and resizes with antialiasing; normalising is per-channel
+    affine, so the order does not matter). ``weights``: timm or Meta's ``dinov2_vitl14_pretrain.pth``
+    (``model_kwargs`` shrink the network for tests).
+    """
+
+    name = "dinov2"
+
+    def __init__(
+        self, weights: str | Path, device: torch.device | str = "cpu", model_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__()
+        from sendvae.models.teachers import build_teacher
+
+        self.teacher = build_teacher(DINOV2_FD_TEACHER, weights=weights, grid=DINOV2_FD_GRID,
+                                     model_kwargs=model_kwargs)
+        self.device = torch.device(device)
+        self.to(self.device)
+        self.protocol = {
+            "implementation": "DINOv2-L/14 (timm vit_large_patch14_dinov2) CLS token after the final norm "
+            "(EDM2's FD_DINOv2)",
+            **weights_record(weights),
+            "input": "uint8 -> /255 -> bicubic (antialiased) resize to 224 -> ImageNet mean/std",
+            "features": f"CLS token ({self.teacher.dim})",
+        }
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.teacher.preprocess(images.to(self.device))
+        tokens = self.teacher.model.forward_features(x)  # [B, prefix + patches, dim], final norm applied
+        return {"pool": tokens[:, 0].float()}
 
 
 def build_feature_extractor(spec: str, device: torch.device | str = "cpu") -> TeacherFeatures:
