@@ -183,7 +183,7 @@ def test_teacher_tokens_are_cached_for_both_flips(cached, tmp_path):
     cache_latents(vae_dir, "shapes:6", out, batch_size=3, resolution=RES, shard_size=4, teacher="effnet-lite0",
                   device="cpu", num_workers=0)
     info = open_cache(out)
-    assert info.teacher["name"] == "effnet-lite0" and info.teacher["grid"] == 8
+    assert info.teacher["name"] == "effnet-lite0" and info.teacher["grid"] == 8 and info.teacher["resize"] == "bicubic"
     item = LatentDataset(out, vae_dir, teacher=True)[5]
     teacher = build_teacher("effnet-lite0", grid=8)
     image = open_image_dataset("shapes:6", RES)[5]["image"][None]
@@ -207,3 +207,8 @@ def test_cache_latents_command_writes_a_cache(cached, tmp_path, capsys):
     info = open_cache(out)
     assert info.count == 6 and info.manifest["dtype"] == "float16"
     assert LatentDataset(out, vae_dir)[5]["mean"].dtype == torch.float32  # stored half, read as float32
+    smooth = tmp_path / "smooth"
+    assert main(["cache-latents", "--vae", str(vae_dir), "--data", "shapes:6", "--resolution", str(RES),
+                 "--num-workers", "0", "--device", "cpu", "--teacher", "effnet-lite0", "--teacher-antialias",
+                 str(smooth)]) == 0
+    assert open_cache(smooth).teacher["resize"] == "bicubic-antialias"  # the default, plain bicubic: "bicubic"

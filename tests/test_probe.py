@@ -14,6 +14,7 @@ from sendvae.eval.probe import (
     Features,
     PixelEncoder,
     Standardizer,
+    TeacherEncoder,
     VAEEncoder,
     best_f1_thresholds,
     chance_macro_f1,
@@ -120,6 +121,15 @@ def test_top_k_recall_counts_per_attribute_as_deepfashion_does():
     # top-2 adds attribute 1 for images 0, 1 and 3 and attribute 0 for image 2: every positive is found
     assert top_k_recall(scores, y, 2) == pytest.approx(1.0)
     assert math.isnan(top_k_recall(scores, torch.zeros_like(y), 1))
+
+
+def test_teacher_feature_cache_key_names_the_resize():
+    """Teacher features made with the other resize (plain vs antialiased bicubic) are never reused."""
+    from sendvae.models.teachers import build_teacher
+
+    plain, smooth = (TeacherEncoder(build_teacher("effnet-lite0", grid=2, antialias=a), "effnet-lite0")
+                     for a in (False, True))
+    assert "bicubic:" in plain.key and "bicubic-antialias:" in smooth.key
 
 
 def test_f1_top_k_and_factor_accuracy_by_hand():

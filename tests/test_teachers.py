@@ -73,7 +73,7 @@ def test_effnet_teacher_tokens_are_the_blocks4_map_at_the_requested_grid() -> No
     assert tokens.shape == (2, 64, 112) and tokens.dtype == torch.float32
 
     classifier = load_efficientnet_lite0()
-    x = F.interpolate((images.float() - 127.5) / 128.0, size=(128, 128), mode="bicubic", antialias=True)
+    x = F.interpolate((images.float() - 127.5) / 128.0, size=(128, 128), mode="bicubic")
     with torch.no_grad():
         expected = classifier.blocks[:5](classifier.bn1(classifier.conv_stem(x)))
     torch.testing.assert_close(tokens, expected.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-4)
@@ -93,13 +93,17 @@ def test_effnet_missing_weights_file_names_it_and_the_package(tmp_path) -> None:
 
 
 def test_dinov2_preprocessing_uses_imagenet_mean_std_then_bicubic_resize() -> None:
+    """The resize is REPA / REPA-E's plain bicubic; antialias=True selects the antialiased one."""
     teacher = tiny_dinov2(grid=4)
     images = random_images(2, 32)
     x = teacher.preprocess(images)
-    expected = F.interpolate(
-        (images.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD, size=(56, 56), mode="bicubic", antialias=True
-    )
-    torch.testing.assert_close(x, expected)
+    normalised = (images.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    torch.testing.assert_close(x, F.interpolate(normalised, size=(56, 56), mode="bicubic", antialias=False))
+    assert teacher.resize == "bicubic"
+    smooth = build_teacher("dinov2-s", weights="random", grid=4, antialias=True, model_kwargs=TINY_VIT)
+    antialiased = F.interpolate(normalised, size=(56, 56), mode="bicubic", antialias=True)
+    torch.testing.assert_close(smooth.preprocess(images), antialiased)
+    assert smooth.resize == "bicubic-antialias" and (x - antialiased).abs().max() > 0.05
     # The VA-VAE bug: model-space [-1, 1] pixels with no mean/std. This test would catch it.
     wrong = F.interpolate(images.float() / 127.5 - 1, size=(56, 56), mode="bicubic", antialias=True)
     assert (x - wrong).abs().max() > 0.5

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sendvae.config import load_config
+from sendvae.config import ConfigError, load_config
 from sendvae.data.latents import LatentDataset, cache_latents, draw_latents
 from sendvae.data.store import open_image_dataset
 from sendvae.errors import UserError
@@ -160,6 +160,27 @@ def test_cache_of_another_vae_is_refused(cache, tmp_path):
     with pytest.raises(UserError) as info:
         build_sit_stage(config(cache_dir, **{"data.vae": str(other)}))
     assert str(other) in str(info.value) and str(vae_dir) in str(info.value)
+
+
+def test_cached_tokens_of_another_teacher_resize_are_refused(cache, tmp_path):
+    """The cache records the teacher's resize (plain bicubic by default, as REPA); tokens made with the
+    other resize are refused, and a cache that does not say (made when the resize was antialiased) counts
+    as antialiased."""
+    import shutil
+
+    _, cache_dir = cache
+    assert json.loads((cache_dir / "manifest.json").read_text())["teacher"]["resize"] == "bicubic"
+    with pytest.raises(ConfigError, match="teacher.antialias=True: .* holds tokens of bicubic-resized"):
+        build_sit_stage(config(cache_dir, **{"teacher.antialias": "true"}))
+    legacy = tmp_path / "legacy"
+    shutil.copytree(cache_dir, legacy)
+    manifest = json.loads((legacy / "manifest.json").read_text())
+    del manifest["teacher"]["resize"]
+    (legacy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="holds tokens of bicubic-antialias-resized images"):
+        build_sit_stage(config(legacy))
+    stage, _ = build_sit_stage(config(legacy, **{"teacher.antialias": "true"}))
+    assert stage.teacher is None  # the cached tokens are used
 
 
 def test_online_teacher_gives_the_cached_tokens(cache):

@@ -41,6 +41,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--teacher", default=None,
                         help="also cache this teacher's tokens (e.g. dinov2-b, effnet-lite0)")
     parser.add_argument("--teacher-weights", default=None, help="local weights of the teacher")
+    parser.add_argument("--teacher-antialias", action="store_true",
+                        help="resize the images for the teacher with antialiasing (default: plain bicubic, as REPA)")
     parser.add_argument("--teacher-grid", type=int, default=None,
                         help="teacher token grid = the SiT token grid (default: the latent grid; 16 for "
                              "SiT-XL/2 on f8 latents)")
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         args.vae, args.data, args.out, args.batch_size,
         resolution=args.resolution, shard_size=args.shard_size, teacher=args.teacher,
         teacher_weights=args.teacher_weights, teacher_grid=args.teacher_grid,
+        teacher_antialias=args.teacher_antialias,
         precision=args.precision, dtype=args.dtype,
         device=args.device, num_workers=args.num_workers,
     )

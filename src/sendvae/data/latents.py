@@ -160,6 +160,7 @@ def cache_latents(
     teacher: str | None = None,
     teacher_weights: str | None = None,
     teacher_grid: int | None = None,
+    teacher_antialias: bool = False,
     precision: Literal["fp32", "bf16"] = "fp32",
     dtype: Literal["float32", "float16"] = "float32",
     device: str = "auto",
@@ -198,9 +199,10 @@ def cache_latents(
         if teacher:
             from sendvae.models.teachers import build_teacher
 
-            teacher_module = build_teacher(teacher, teacher_weights, grid=teacher_grid or h).to(info.device).eval()
+            teacher_module = build_teacher(teacher, teacher_weights, grid=teacher_grid or h,
+                                           antialias=teacher_antialias).to(info.device).eval()
             teacher_info = {"name": teacher, "weights": teacher_weights, "dim": int(teacher_module.dim),
-                            "grid": int(teacher_module.grid)}
+                            "grid": int(teacher_module.grid), "resize": teacher_module.resize}
         plan = _plan(str(vae_path), fingerprint, data_spec, dataset, shard_size, latent_shape, dtype, teacher_info)
         ranges = shard_ranges(len(dataset), shard_size)
         todo_all: list[int] | str = []

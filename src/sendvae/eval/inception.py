@@ -198,7 +198,7 @@ class TeacherFeatures(nn.Module):
         self.protocol = {
             "implementation": f"sendvae teacher {name}: patch tokens mean-pooled to one vector per image",
             **weights_record(weights),
-            "input": f"uint8 -> /255 -> the teacher's mean/std -> bicubic antialiased resize to "
+            "input": f"uint8 -> /255 -> the teacher's mean/std -> {self.teacher.resize} resize to "
             f"{self.teacher.input_size} px",
             "features": f"mean of {self.teacher.grid}x{self.teacher.grid} tokens ({self.teacher.dim})",
         }
@@ -230,7 +230,7 @@ class DinoV2Features(nn.Module):
         super().__init__()
         from sendvae.models.teachers import build_teacher
 
-        self.teacher = build_teacher(DINOV2_FD_TEACHER, weights=weights, grid=DINOV2_FD_GRID,
+        self.teacher = build_teacher(DINOV2_FD_TEACHER, weights=weights, grid=DINOV2_FD_GRID, antialias=True,
                                      model_kwargs=model_kwargs)
         self.device = torch.device(device)
         self.to(self.device)

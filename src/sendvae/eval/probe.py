@@ -161,7 +161,8 @@ class TeacherEncoder:
 
     def __init__(self, teacher: torch.nn.Module, name: str) -> None:
         self.teacher = teacher
-        self.key = f"teacher:{name}:{getattr(teacher, 'grid', '')}:{module_fingerprint(teacher)}"
+        self.key = (f"teacher:{name}:{getattr(teacher, 'grid', '')}:{getattr(teacher, 'resize', '')}:"
+                    f"{module_fingerprint(teacher)}")
 
     @torch.inference_mode()
     def __call__(self, images: Tensor, index: Tensor) -> Tensor:

@@ -5,7 +5,8 @@ A teacher maps uint8 images [B, 3, H, W] to tokens [B, grid * grid, dim] with it
 preprocessing (DESIGN.md section 2, "Teacher input"):
 
     uint8 -> / 255 -> (x - mean) / std (the teacher's own statistics)
-          -> bicubic, antialiased resize to input_size = grid * stride (square)
+          -> bicubic resize to input_size = grid * stride (square), not antialiased
+             (REPA / REPA-E's resize; ``antialias=True`` in :func:`build_teacher` for the other)
 
 so the token grid equals the requested grid (DINOv2/14 with grid 16 -> 224 px; EfficientNet-Lite0
 ``blocks[4]`` (stride 16) with grid 8 -> 128 px). The weights are frozen (``requires_grad``
@@ -163,7 +164,8 @@ class Teacher(nn.Module):
 
     Subclasses implement :meth:`features` (preprocessed images -> tokens). Attributes: ``name``,
     ``dim`` (token width), ``grid`` (tokens per side), ``stride`` (pixels per token at the
-    teacher's input), ``input_size`` (= grid * stride), ``mean`` / ``std`` (buffers [1, 3, 1, 1]).
+    teacher's input), ``input_size`` (= grid * stride), ``mean`` / ``std`` (buffers [1, 3, 1, 1]),
+    ``antialias`` (the resize; :attr:`resize` names it for caches and records).
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class Teacher(nn.Module):
         self.grid = int(grid)
         self.stride = int(stride)
         self.input_size = self.grid * self.stride
+        self.antialias = False
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -188,8 +191,13 @@ class Teacher(nn.Module):
         """A teacher is always in eval mode (frozen BatchNorm statistics, no dropout)."""
         return super().train(False)
 
+    @property
+    def resize(self) -> str:
+        """The resize in :meth:`preprocess`: ``bicubic`` (REPA / REPA-E) or ``bicubic-antialias``."""
+        return "bicubic-antialias" if self.antialias else "bicubic"
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> /255 -> (x - mean) / std -> bicubic antialiased resize to input_size."""
+        """uint8 [B, 3, H, W] -> /255 -> (x - mean) / std -> bicubic resize (:attr:`resize`) to input_size."""
         if images.dtype != torch.uint8:
             raise TypeError(
                 f"teacher {self.name} takes uint8 images (0..255) and normalises them itself; got "
@@ -201,7 +209,8 @@ class Teacher(nn.Module):
         x = (x - self.mean) / self.std
         if x.shape[-1] != self.input_size:
             x = F.interpolate(
-                x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False, antialias=True
+                x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False,
+                antialias=self.antialias,
             )
         return x
 
@@ -247,6 +256,7 @@ def build_teacher(
     weights: str | os.PathLike[str] | None = None,
     grid: int | None = None,
     image_size: int | None = None,
+    antialias: bool = False,
     **options: Any,
 ) -> Teacher:
     """The frozen teacher ``name``.
@@ -256,11 +266,14 @@ def build_teacher(
     - ``grid``: tokens per side (match the latent token grid); ``image_size``: the teacher's input
       resolution in pixels after the resize. Give either (the other follows from the stride) or
       neither (the teacher's default grid: 16 for ViTs, 8 for EfficientNet-Lite0).
+    - ``antialias``: resize the images to ``image_size`` with antialiasing; False (default) is the plain
+      bicubic resize of REPA / REPA-E (the two differ by about 0.5% relative pixel difference at 256 -> 224 px).
     - ``options``: teacher-specific (e.g. ``stage=2`` for ``effnet-lite0``).
     """
     if name not in _TEACHERS:
         raise UserError(f"unknown teacher {name!r}; available: {', '.join(available_teachers())}")
     teacher = _TEACHERS[name](weights=weights, grid=grid, image_size=image_size, **options)
+    teacher.antialias = antialias
     return teacher.freeze()
 
 

@@ -263,15 +263,24 @@ def _teacher_for(cfg: TrainSiTConfig, cache: CacheInfo, grid: int
                 f"model.preset: the SiT has a {grid}x{grid} token grid but cache {cache.path} holds "
                 f"{cache.teacher['grid']}x{cache.teacher['grid']} teacher tokens (cache-latents --teacher-grid)"
             )
-        return None, {**cache.teacher, "source": "cache"}
+        wanted = "bicubic-antialias" if cfg.teacher.antialias else "bicubic"
+        cached = cache.teacher.get("resize", "bicubic-antialias")  # older caches do not say: they antialiased
+        if cached != wanted:
+            raise ConfigError(
+                f"teacher.antialias={cfg.teacher.antialias}: the images are resized {wanted} but cache {cache.path} "
+                f"holds tokens of {cached}-resized images; set teacher.antialias={not cfg.teacher.antialias} or "
+                "re-run cache-latents (--teacher-antialias for the antialiased resize)"
+            )
+        return None, {**cache.teacher, "resize": cached, "source": "cache"}
     from sendvae.models.teachers import build_teacher
 
     name = cfg.teacher.name or (cache.teacher or {}).get("name", "")
     if not name:
         raise ConfigError("teacher.name: online REPA needs a teacher name (e.g. dinov2-b, effnet-lite0)")
     weights = cfg.teacher.weights or None
-    teacher = build_teacher(name, weights, grid=grid)
-    return teacher, {"name": name, "weights": weights, "dim": int(teacher.dim), "grid": grid, "source": "online"}
+    teacher = build_teacher(name, weights, grid=grid, antialias=cfg.teacher.antialias)
+    return teacher, {"name": name, "weights": weights, "dim": int(teacher.dim), "grid": grid,
+                     "resize": teacher.resize, "source": "online"}
 
 
 def build_sit_stage(cfg: TrainSiTConfig) -> tuple[SiTStage, LatentDataset]:

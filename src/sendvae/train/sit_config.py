@@ -70,6 +70,8 @@ class TeacherConfig:
 
     name: str = param("", "teacher for online REPA (e.g. dinov2-b, effnet-lite0); empty = the one in the cache")
     weights: str = param("", "local weights of the online teacher (empty = the registry default)")
+    antialias: bool = param(False, "antialiased bicubic resize to the teacher's input; false = plain bicubic "
+                            "(REPA / REPA-E); cached tokens must have been made the same way")
 
 
 @dataclass

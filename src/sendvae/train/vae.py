@@ -256,7 +256,8 @@ def build_vae_stage(cfg: TrainVAEConfig,
     a = cfg.alignment
     teacher = None
     if a.kind != "none":
-        teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights or None, grid=cfg.teacher.grid or None)
+        teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights or None, grid=cfg.teacher.grid or None,
+                                antialias=cfg.teacher.antialias)
     torch.manual_seed(cfg.train.seed + 1)
     alignment = build_alignment(
         a.kind, vae.latent_channels, latent_grid,

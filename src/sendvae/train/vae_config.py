@@ -26,6 +26,7 @@ class TeacherConfig:
     name: str = param("effnet-lite0", "frozen vision foundation model (sendvae.models.teachers registry)")
     weights: str = param("", "its local weights (file or folder); empty = its offline default; 'random' = random init")
     grid: int = param(0, "teacher token grid per side; 0 = the teacher's default (ViTs 16, EfficientNet 8)", min=0)
+    antialias: bool = param(False, "antialiased bicubic resize to the teacher's input; false = plain bicubic (REPA-E)")
 
 
 @dataclass
