@@ -349,21 +349,6 @@ def test_resuming_with_a_changed_model_names_the_checkpoint_and_module(tmp_path:
         train(changed, ToyData(), cfg(total_images=32), run)
 
 
-def test_device_errors_name_the_setting_the_user_wrote() -> None:
-    from sendvae.train.distributed import resolve_device
-
-    assert resolve_device("cpu", setting="--device") == torch.device("cpu")
-    with pytest.raises(UserError, match=r"^--device: 'tpu' is not one of \['auto', 'cpu', 'cuda', 'cuda:N'\]"):
-        resolve_device("tpu", setting="--device")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match=r"^device=cuda but torch sees no CUDA device; use device=cpu or auto"):
-            resolve_device("cuda", setting="device")
-        with pytest.raises(UserError, match=r"^device=cuda:1 but torch sees no CUDA device"):
-            resolve_device("cuda:1", setting="device")
-        with pytest.raises(UserError, match=r"^train.device=cuda"):
-            resolve_device("cuda")
-
-
 def test_progress_bar_shows_unless_tqdm_disable_is_set(tmp_path: Path, capsys, monkeypatch) -> None:
     """`sendvae demo --quiet` sets TQDM_DISABLE=1; the loop's bar passes disable= and must still obey it."""
     train(ToyStage(), ToyData(), cfg(total_images=16), tmp_path / "loud")

@@ -46,7 +46,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--teacher-grid", type=int, default=None,
                         help="teacher token grid = the SiT token grid (default: the latent grid; 16 for "
                              "SiT-XL/2 on f8 latents)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder precision")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="encoder precision; auto = bf16 where the device computes it natively, else fp32")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage type of mean/std")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--num-workers", type=int, default=2, help="data-loading processes")

@@ -197,7 +197,7 @@ def run_stats(args: argparse.Namespace) -> int:
     from sendvae.data.store import open_image_dataset
     from sendvae.errors import UserError
     from sendvae.models.vae import compute_latent_stats, load_vae, save_vae
-    from sendvae.train.distributed import resolve_device
+    from sendvae.hardware import resolve_device
 
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be positive")

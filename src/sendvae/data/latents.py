@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from sendvae.errors import UserError
+from sendvae.hardware import autocast, resolve_precision
 from sendvae.pixels import to_model
 from sendvae.progress import bars_enabled
 
@@ -88,7 +89,7 @@ def encode_flips(vae: torch.nn.Module, images: torch.Tensor, precision: str = "f
     """Posterior (mean, std), each [B, 2, C, h, w] float32, of uint8 images [B, 3, H, W] and their h-flips."""
     x = to_model(images)
     both = torch.cat([x, x.flip(-1)])
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with autocast(precision, x.device):
         posterior = vae.encode(both)
     b = images.shape[0]
     mean = posterior.mean.float().reshape(2, b, *posterior.mean.shape[1:]).transpose(0, 1)
@@ -161,7 +162,7 @@ def cache_latents(
     teacher_weights: str | None = None,
     teacher_grid: int | None = None,
     teacher_antialias: bool = False,
-    precision: Literal["fp32", "bf16"] = "fp32",
+    precision: Literal["auto", "fp32", "bf16"] = "auto",
     dtype: Literal["float32", "float16"] = "float32",
     device: str = "auto",
     num_workers: int = 2,
@@ -187,6 +188,9 @@ def cache_latents(
     info = distributed.init_distributed(device, "--device")
     try:
         vae = load_vae(vae_path).to(info.device).eval().requires_grad_(False)
+        choice = resolve_precision(precision, info.device, "--precision")
+        if info.is_main:
+            log.info("%s", choice)
         fingerprint = vae_fingerprint(vae, include_stats=False)
         dataset = open_image_dataset(data_spec, resolution) if resolution else open_image_dataset(data_spec)
         if len(dataset) == 0:
@@ -220,7 +224,7 @@ def cache_latents(
         if done:
             log.info("%d of %d shards already cached; encoding the other %d", done, len(ranges), len(todo_all))
         todo = todo_all[info.rank :: info.world]  # the pending shards, dealt out evenly to the ranks
-        _encode_shards(vae, teacher_module, dataset, ranges, todo, out, fingerprint, batch_size, precision,
+        _encode_shards(vae, teacher_module, dataset, ranges, todo, out, fingerprint, batch_size, choice.precision,
                        dtype, num_workers, info)
         distributed.barrier()
         error = None

@@ -32,7 +32,8 @@ class DemoConfig:
     presets: str = param("", "folder of the stage presets (base.yaml, none.yaml, vf.yaml, sendvae.yaml, "
                              "sit_tiny.yaml); empty = configs/shapes of this checkout")
     teacher: str = param("effnet-lite0", "frozen teacher (sendvae.models.teachers); its grid is set to the latent grid")
-    precision: str = param("bf16", "training precision (bf16 autocast with fp32 master weights)", choices=("fp32", "bf16"))
+    precision: str = param("auto", "training/evaluation precision: auto = bf16 autocast where this CPU computes bf16 "
+                                   "natively (AVX512-BF16/AMX), else fp32", choices=("auto", "fp32", "bf16"))
     threads: int = param(2, "torch threads (0 = leave torch's setting)", min=0)
     batch_size: int = param(32, "VAE batch size (base and fine-tunes); the pilot used 64, see the module docstring", min=2)
     base_steps: int = param(500, "base VAE optimiser steps", min=1)

@@ -57,7 +57,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 from sendvae.config import load_config, to_dict, validate
 from sendvae.demo.config import ALIGNED, SCALES, VARIANT_PRESETS, DemoConfig, demo_config
 from sendvae.errors import UserError
+from sendvae.hardware import describe_cpu, resolve_precision
 from sendvae.progress import bars_enabled
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def _check_out(out: Path, cfg: DemoConfig) -> None:
 
 def configs_root() -> Path:
     """``configs/`` of this checkout (the presets live beside ``src/``)."""
-    return Path(__file__).resolve().parents[2] / "configs"
+    return Path(__file__).resolve().parents[3] / "configs"
 
 
 def _presets_dir(cfg: DemoConfig) -> Path:
@@ -394,7 +395,8 @@ class AutocastEncoder:
     """A probe feature encoder (:class:`sendvae.eval.probe.FeatureEncoder`) run under bf16 autocast.
 
     Evaluation features only need a few significant digits, and bf16 makes the encoders 2-3x faster
-    on CPU; the feature-cache key records the precision."""
+    on CPUs with native bf16 (the demo asks only where ``precision`` resolved to bf16); the
+    feature-cache key records the precision."""
 
     def __init__(self, encoder: Any, bf16: bool) -> None:
         self.encoder, self.bf16 = encoder, bf16
@@ -416,7 +418,7 @@ def _slug(name: str) -> str:
 class ClassifierFeatures:
     """The evaluation CNN's 256-d penultimate features as a feature extractor (``{"pool": [B, 256]}``, float64).
 
-    ``bf16`` runs the CNN under bf16 autocast (2-3x faster on CPU); real and generated images go
+    ``bf16`` runs the CNN under bf16 autocast (2-3x faster on CPUs with native bf16); real and generated images go
     through the same path, so the Frechet distances compare like with like."""
 
     name = "clf"
@@ -948,6 +950,9 @@ def run_demo(
         raise UserError("choose one of --smoke and --full")
     cfg = config or demo_config("smoke" if smoke else "full" if full else "default", seed, resolution, overrides)
     validate(cfg)
+    choice = resolve_precision(cfg.precision, "cpu", "precision")
+    log.info("%s", choice)
+    cfg = replace(cfg, precision=choice.precision)  # every step and the recorded settings use the decision
     out = Path(out)
     _check_out(out, cfg)
     started, load_before = time.time(), _load()
@@ -997,7 +1002,8 @@ def _load() -> list[float] | None:
 
 def _machine(cfg: DemoConfig) -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": cfg.threads or torch.get_num_threads(), "torch": torch.__version__}
+            "cpus": os.cpu_count(), "torch_threads": cfg.threads or torch.get_num_threads(), "torch": torch.__version__,
+            "precision": cfg.precision, **describe_cpu()}
 
 
 __all__ = ["SCALES", "AutocastEncoder", "ClassifierFeatures", "DemoConfig", "configs_root", "demo_config", "finite_metrics",

@@ -54,7 +54,7 @@ from sendvae.eval.probe_config import DEFAULT_L2_GRID, ProbeConfig
 from sendvae.errors import UserError
 from sendvae.pixels import to_model
 from sendvae.progress import bars_enabled
-from sendvae.train.distributed import resolve_device
+from sendvae.hardware import resolve_device
 
 log = logging.getLogger(__name__)
 

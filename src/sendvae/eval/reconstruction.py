@@ -214,7 +214,7 @@ def evaluate_vae(
     them and is skipped (with a warning) otherwise; ``lpips="none"`` skips it.
     """
     from sendvae.eval.generation import write_metrics
-    from sendvae.train.distributed import resolve_device
+    from sendvae.hardware import resolve_device
     from sendvae.eval.inception import InceptionFeatures
     from sendvae.losses import PerceptualLoss
     from sendvae.models.vae import load_vae

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sendvae.hardware import autocast, resolve_precision
 from sendvae.pixels import to_model
 from sendvae.progress import bars_enabled
 
@@ -96,10 +97,11 @@ def train_shapes_classifier(
     lr: float = 2e-3,
     seed: int = 0,
     blur: bool = True,
-    precision: str = "bf16",
+    precision: str = "auto",
     progress: bool = True,
 ) -> ShapesClassifier:
     """Train the classifier on real uint8 images [N, 3, H, W] with factor indices [N, n_factors]."""
+    precision = resolve_precision(precision, "cpu", "precision").precision
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = ShapesClassifier(factor_sizes)
@@ -110,7 +112,7 @@ def train_shapes_classifier(
     for _ in bar:
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
         batch = random_blur(images[idx], generator) if blur else images[idx]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(precision, "cpu"):
             logits = model.factor_logits(batch)
         loss = sum(F.cross_entropy(l.float(), factors[idx, j]) for j, l in enumerate(logits)) / len(logits)
         optimizer.zero_grad(set_to_none=True)

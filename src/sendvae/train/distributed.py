@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from sendvae.errors import UserError
+from sendvae.hardware import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +34,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(preference: str, local_rank: int = 0, setting: str = "train.device") -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``cuda`` -> ``cuda:LOCAL_RANK``;
-    ``cuda:N`` as written; CUDA without a CUDA device is an error.
-
-    ``setting`` is how the caller's user spelled the choice (a config key or a flag), for the error message.
-    """
-    if preference not in ("auto", "cpu", "cuda") and re.fullmatch(r"cuda:\d+", preference) is None:
-        raise UserError(f"{setting}: {preference!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError(f"{setting}={preference} but torch sees no CUDA device; use {setting}=cpu or auto")
-    if preference.startswith("cuda:"):
-        return torch.device(preference)
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def init_distributed(device_preference: str = "auto", setting: str = "train.device") -> DistInfo:

@@ -7,7 +7,8 @@ contributes its modules and its optimisation *phases*; :func:`train` does everyt
   infinite, deterministic, rank-sharded sampler whose position is the number of images seen;
 - gradient accumulation (``batch_size = world * micro_batch * accumulation``) that all-reduces
   gradients once per step, on the last micro-batch only;
-- bf16 autocast with fp32 master weights (``precision``), gradient clipping, EMA;
+- bf16 autocast with fp32 master weights (``precision``; ``auto`` decides once per run with
+  :func:`sendvae.hardware.resolve_precision` and logs why), gradient clipping, EMA;
 - a non-finite guard: a phase whose loss or gradients are not finite skips its update; after
   ``max_nonfinite`` such steps in a row training stops with :class:`NonFiniteError`;
 - progress counted in images; exact resume (weights, EMA, optimisers, data position; every random
@@ -77,6 +78,7 @@ from tqdm.auto import tqdm
 from sendvae import __version__
 from sendvae.config import ConfigError, save_config, to_dict
 from sendvae.errors import UserError
+from sendvae.hardware import PrecisionChoice, autocast, describe_cpu, resolve_precision
 from sendvae.locking import PidLock
 from sendvae.progress import bars_enabled
 from sendvae.train import distributed as dist_utils
@@ -164,7 +166,7 @@ class StepContext:
     images_seen: int  # Images seen by all processes before this step.
     step: int  # Optimiser steps done before this step.
     generator: torch.Generator
-    precision: str  # "fp32" or "bf16".
+    precision: str  # "fp32" or "bf16" (resolved: never "auto").
     micro_index: int = 0  # Index of the current micro-batch within the step.
     scratch: dict[str, Any] = field(default_factory=dict)
     _modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
@@ -184,7 +186,7 @@ class StepContext:
         """bf16 autocast on this device when ``precision == "bf16"`` and ``enabled``; use
         ``ctx.autocast(False)`` around a part that must run in fp32 (losses already run inside
         the autocast region, so cast their inputs with ``.float()``)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled and self.precision == "bf16")
+        return autocast(self.precision if enabled else "fp32", self.device)
 
 
 
@@ -338,8 +340,9 @@ def _git_version() -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-def environment_info(world: int, device: torch.device) -> dict[str, Any]:
-    """Code version and environment of this run (written to ``environment.json``)."""
+def environment_info(world: int, device: torch.device, precision: PrecisionChoice | None = None) -> dict[str, Any]:
+    """Code version and environment of this run (written to ``environment.json``), with the CPU flags and
+    the precision decision."""
     devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                if device.type == "cuda" else [platform.processor() or platform.machine()])
     return {
@@ -352,6 +355,9 @@ def environment_info(world: int, device: torch.device) -> dict[str, Any]:
         "devices": devices,
         "world_size": world,
         "threads": torch.get_num_threads(),
+        **describe_cpu(),
+        **({"precision": precision.precision, "precision_requested": precision.requested,
+            "precision_reason": precision.reason} if precision is not None else {}),
         "host": socket.gethostname(),
         "argv": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -552,6 +558,9 @@ def _run(stage: Stage, dataset: torch.utils.data.Dataset, cfg: LoopConfig, run_d
          collate_fn: Callable | None, dinfo: dist_utils.DistInfo, stop: _StopRequest) -> dict[str, Any]:
     device, rank, world = dinfo.device, dinfo.rank, dinfo.world
     micro, accumulation = _accumulation(cfg, world)
+    precision = resolve_precision(cfg.precision, device)
+    if dinfo.is_main:
+        log.info("%s", precision)
     ckpt_root = run_dir / "checkpoints"
 
     # Modules on the device; frozen helpers in eval mode without gradients.
@@ -592,7 +601,7 @@ def _run(stage: Stage, dataset: torch.utils.data.Dataset, cfg: LoopConfig, run_d
 
     if dinfo.is_main:
         _write_config(run_dir, run_config)
-        (run_dir / "environment.json").write_text(json.dumps(environment_info(world, device), indent=2))
+        (run_dir / "environment.json").write_text(json.dumps(environment_info(world, device, precision), indent=2))
         _trim_metrics(run_dir / "metrics.jsonl", images_seen)
     dist_utils.barrier()
 
@@ -662,7 +671,7 @@ def _run(stage: Stage, dataset: torch.utils.data.Dataset, cfg: LoopConfig, run_d
             generator = torch.Generator(device=device)
             generator.manual_seed(seed_for(cfg.seed, rank, images_seen, 2))
             ctx = StepContext(device=device, rank=rank, world=world, images_seen=images_seen, step=step,
-                              generator=generator, precision=cfg.precision, _modules={**frozen, **modules})
+                              generator=generator, precision=precision.precision, _modules={**frozen, **modules})
             micro_batches, scratches = [], []
             for index in range(accumulation):
                 batch = _to_device(next(batches), device)

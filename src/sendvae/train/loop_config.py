@@ -19,7 +19,9 @@ class LoopConfig:
     total_images: int = param(64_000, "train until this many images have been seen (all processes)", min=1)
     batch_size: int = param(64, "global batch: images per optimiser step, all processes together", min=1)
     micro_batch: int = param(0, "images per process per forward pass; 0 = batch_size / world (no accumulation)", min=0)
-    precision: Literal["fp32", "bf16"] = param("fp32", "bf16 = autocast with fp32 master weights and fp32 losses")
+    precision: Literal["auto", "fp32", "bf16"] = param(
+        "auto", "auto = bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), "
+                "else fp32; bf16 = autocast with fp32 master weights and fp32 losses")
     grad_clip: float = param(1.0, "clip the gradient norm of each phase to this; 0 = no clipping", min=0.0)
     ema: bool = param(True, "keep an exponential moving average of the stage's EMA modules")
     ema_decay: float = param(0.9999, "EMA decay per optimiser step", min=0.0, max=1.0)

@@ -54,6 +54,7 @@ from sendvae.models.vae import (
     load_vae,
     save_vae,
 )
+from sendvae.hardware import resolve_precision
 from sendvae.pixels import to_model
 from sendvae.train import distributed as dist_utils
 from sendvae.train.loop import Phase, StepContext, train
@@ -200,8 +201,9 @@ def latent_stats(vae: VAE, data: torch.utils.data.Dataset, cfg: TrainVAEConfig) 
     """Per-channel latent mean/std on ``model.stats_images`` training images drawn at random (seeded by
     ``train.seed``) from the whole dataset, of the posterior samples that stage 2 trains on
     (:func:`sendvae.models.vae.compute_latent_stats`)."""
+    bf16 = resolve_precision(cfg.train.precision, next(vae.parameters()).device).precision == "bf16"
     return compute_latent_stats(vae, data, cfg.model.stats_images, batch_size=min(64, cfg.model.stats_images),
-                                autocast_bf16=cfg.train.precision == "bf16", subset_seed=cfg.train.seed)
+                                autocast_bf16=bf16, subset_seed=cfg.train.seed)
 
 
 def initial_vae(cfg: TrainVAEConfig) -> VAE:
