@@ -15,6 +15,7 @@ import sys
 
 from sendvae import __version__, commands
 from sendvae.errors import UserError
+from sendvae.threads import apply_thread_policy
 
 DESCRIPTION = """\
 Send-VAE toolkit (arXiv 2601.05823): fine-tune a VAE with disentangled representation
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    policy = apply_thread_policy()  # before any command imports torch
+    if policy is not None:
+        logging.getLogger("sendvae").info("%s", policy)
     try:
         result = args.func(args)
     except UserError as exc:

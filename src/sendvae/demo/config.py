@@ -34,7 +34,8 @@ class DemoConfig:
     teacher: str = param("effnet-lite0", "frozen teacher (sendvae.models.teachers); its grid is set to the latent grid")
     precision: str = param("auto", "training/evaluation precision: auto = bf16 autocast where this CPU computes bf16 "
                                    "natively (AVX512-BF16/AMX), else fp32", choices=("auto", "fp32", "bf16"))
-    threads: int = param(2, "torch threads (0 = leave torch's setting)", min=0)
+    threads: int = param(0, "torch threads; 0 = the run's policy (torch's default on idle cores, fewer threads with a "
+                             "passive OpenMP wait when other processes are busy: sendvae.threads)", min=0)
     batch_size: int = param(32, "VAE batch size (base and fine-tunes); the pilot used 64, see the module docstring", min=2)
     base_steps: int = param(500, "base VAE optimiser steps", min=1)
     base_lr: float = param(5e-4, "base VAE AdamW learning rate", min=0.0)

@@ -397,9 +397,12 @@ class EfficientNetLite0Teacher(Teacher):
         self.stage = stage
         self.stem = nn.Sequential(classifier.conv_stem, classifier.bn1)
         self.blocks = blocks
+        # oneDNN's depthwise convolutions run 1.6x faster in NHWC on CPU (fp32, 2 threads: 63 -> 103 img/s
+        # at 128 px, measured with bench/bench_teacher.py); the tokens are the same.
+        self.to(memory_format=torch.channels_last)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        feature_map = self.blocks(self.stem(x))
+        feature_map = self.blocks(self.stem(x.contiguous(memory_format=torch.channels_last)))
         return feature_map.flatten(2).transpose(1, 2)
 
 
