@@ -408,7 +408,7 @@ def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
 
 def _check_settings(folder: Path, job: SampleJob, is_main: bool) -> None:
     """Rank 0 records the job's settings; every rank refuses to resume a folder written with other settings."""
-    from sendvae.train import distributed
+    from sendvae import distributed
 
     settings = folder / SETTINGS_FILE
     wanted = job.to_json()
@@ -466,7 +466,7 @@ def sample_to_npz(
     """
     from sendvae.eval.generation import NpzWriter
     from sendvae.locking import PidLock
-    from sendvae.train import distributed
+    from sendvae import distributed
 
     out = Path(out)
     folder = parts_dir(out)
@@ -773,7 +773,7 @@ def sample_from_run(
     None skips it. ``config.guide_model`` is loaded as the AutoGuidance guide when ``config.guidance`` asks.
     """
     from sendvae.grid import write_sample_grid
-    from sendvae.train import distributed
+    from sendvae import distributed
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA device; use --device cpu or auto")

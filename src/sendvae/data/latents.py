@@ -179,7 +179,7 @@ def cache_latents(
     from sendvae.data.store import open_image_dataset
     from sendvae.locking import PidLock
     from sendvae.models.vae import load_vae, vae_fingerprint
-    from sendvae.train import distributed
+    from sendvae import distributed
 
     if shard_size < 1 or batch_size < 1:
         raise UserError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")

@@ -81,7 +81,7 @@ from sendvae.errors import UserError
 from sendvae.hardware import PrecisionChoice, autocast, describe_cpu, resolve_precision
 from sendvae.locking import PidLock
 from sendvae.progress import bars_enabled
-from sendvae.train import distributed as dist_utils
+from sendvae import distributed as dist_utils
 from sendvae.train.loop_config import LoopConfig
 from sendvae.train.checkpoint import (
     Checkpoint,

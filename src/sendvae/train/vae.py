@@ -56,7 +56,7 @@ from sendvae.models.vae import (
 )
 from sendvae.hardware import resolve_precision
 from sendvae.pixels import to_model
-from sendvae.train import distributed as dist_utils
+from sendvae import distributed as dist_utils
 from sendvae.train.loop import Phase, StepContext, train
 from sendvae.train.vae_config import (
     AlignmentConfig,

@@ -1,4 +1,5 @@
-"""torch.distributed set-up for ``torchrun`` launches, and the small collective helpers the loop uses.
+"""torch.distributed set-up for ``torchrun`` launches, and the small collective helpers every multi-process
+command uses (training, latent caching, sampling).
 
 A process launched by ``torchrun`` (or SLURM through ``torchrun``) finds ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in its environment; :func:`init_distributed`
