@@ -33,6 +33,7 @@ from torch import nn
 
 from sendvae.config import ConfigError
 from sendvae.data.store import open_image_dataset
+from sendvae.data.token_cache import TokenCache, dataset_identity
 from sendvae.losses import (
     Alignment,
     PerceptualLoss,
@@ -80,8 +81,8 @@ class VAEStage:
 
     def __init__(self, cfg: TrainVAEConfig, vae: VAE, alignment: Alignment, teacher: Teacher | None = None,
                  discriminator: nn.Module | None = None, perceptual: nn.Module | None = None,
-                 stats_data: torch.utils.data.Dataset | None = None) -> None:
-        self.cfg, self.vae, self.alignment, self.teacher = cfg, vae, alignment, teacher
+                 stats_data: torch.utils.data.Dataset | None = None, token_cache: TokenCache | None = None) -> None:
+        self.cfg, self.vae, self.alignment, self.teacher, self.token_cache = cfg, vae, alignment, teacher, token_cache
         self.alignment_trains = any(True for _ in alignment.parameters())  # none has no parameters
         self.discriminator, self.perceptual, self.stats_data = discriminator, perceptual, stats_data
         if alignment.needs_teacher and teacher is None:
@@ -125,12 +126,21 @@ class VAEStage:
 
     @torch.no_grad()
     def prepare_batch(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Model-space pixels and, when aligning, the teacher's tokens of the same uint8 images."""
+        """Model-space pixels and, when aligning, the teacher's tokens of the same uint8 images (read
+        from ``teacher.cache`` where it has them)."""
         images = batch["image"]
         out = {"image": images, "x": to_model(images)}
         if self.teacher is not None and self.alignment.needs_teacher:
-            with ctx.autocast():
-                out["tokens"] = ctx.module("teacher")(images).float()
+            teacher = ctx.module("teacher")
+
+            def run_teacher(rows: torch.Tensor) -> torch.Tensor:
+                with ctx.autocast():
+                    return teacher(images[rows.to(images.device)]).float()
+
+            if self.token_cache is not None:
+                out["tokens"] = self.token_cache.fetch(batch["index"], run_teacher)
+            else:
+                out["tokens"] = run_teacher(torch.arange(images.shape[0]))
         return out
 
     # -- the two losses --------------------------------------------------------------------------
@@ -279,8 +289,26 @@ def build_vae_stage(cfg: TrainVAEConfig,
              f" to {teacher.name} {teacher.grid}x{teacher.grid}x{teacher.dim}" if teacher is not None else "",
              f"weight {loss.gan_weight} from {loss.gan_start} images" if discriminator is not None else "off",
              loss.lpips_weight or "off")
-    stage = VAEStage(cfg, vae, alignment, teacher, discriminator, perceptual, stats_data=dataset)
+    token_cache = None
+    if teacher is not None and cfg.teacher.cache:
+        token_cache = teacher_token_cache(cfg, teacher, dataset, device)
+    stage = VAEStage(cfg, vae, alignment, teacher, discriminator, perceptual, stats_data=dataset,
+                     token_cache=token_cache)
     return stage, dataset
+
+
+def teacher_token_cache(cfg: TrainVAEConfig, teacher: Teacher, dataset: torch.utils.data.Dataset,
+                        device: torch.device | str) -> TokenCache:
+    """The ``teacher.cache`` of this teacher (its weights' fingerprint, grid, resize and the precision it
+    runs at on ``device``) on this dataset."""
+    from sendvae.eval.probe import module_fingerprint
+
+    key = {"teacher": teacher.name, "weights": module_fingerprint(teacher), "grid": teacher.grid,
+           "antialias": cfg.teacher.antialias, "precision": resolve_precision(cfg.train.precision, device).precision,
+           **dataset_identity(dataset, cfg.data.source)}
+    cache = TokenCache(cfg.teacher.cache, key, len(dataset), teacher.grid * teacher.grid, teacher.dim)
+    log.info("teacher tokens cached in %s (%d of %d images so far)", cache.path, cache.filled_count(), len(dataset))
+    return cache
 
 
 def train_vae(cfg: TrainVAEConfig, out: str | Path) -> dict[str, Any]:

@@ -27,6 +27,8 @@ class TeacherConfig:
     weights: str = param("", "its local weights (file or folder); empty = its offline default; 'random' = random init")
     grid: int = param(0, "teacher token grid per side; 0 = the teacher's default (ViTs 16, EfficientNet 8)", min=0)
     antialias: bool = param(False, "antialiased bicubic resize to the teacher's input; false = plain bicubic (REPA-E)")
+    cache: str = param("", "folder of a per-image token cache shared by runs on the same images (float16, filled "
+                           "lazily: sendvae.data.token_cache); empty = run the teacher on every batch")
 
 
 @dataclass
