@@ -322,7 +322,7 @@ def sit_run(tmp_path_factory) -> Path:
     """A train-sit run folder: a tiny random SiT (non-zero output layer) on the latents of a tiny random VAE."""
     from sendvae.models.sit import build_sit
     from sendvae.models.vae import build_vae, save_vae, vae_fingerprint
-    from sendvae.train.sit import save_sit_folder
+    from sendvae.models.sit_formats import save_sit_folder
 
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
@@ -488,7 +488,7 @@ def test_sample_command_records_its_protocol_and_draws_a_grid(tmp_path, sit_run)
 def test_guide_model_must_share_the_latent_space(tmp_path, sit_run):
     from sendvae.models.sit import build_sit
     from sendvae.sampling import load_generator
-    from sendvae.train.sit import save_sit_folder
+    from sendvae.models.sit_formats import save_sit_folder
 
     config = json.loads((sit_run / "sit" / "config.json").read_text())
     other = build_sit("SiT-T/2", input_size=8, in_channels=4, num_classes=5)

@@ -18,11 +18,10 @@ from sendvae.models.sit import (
     build_sit,
     drop_labels,
     forward_flops,
-    infer_args,
-    load_sit,
     preset_args,
     repa_loss,
 )
+from sendvae.models.sit_formats import infer_args, load_sit
 from sendvae.transport import velocity_to_data
 
 
@@ -392,7 +391,7 @@ def test_rope_makes_scores_depend_on_the_relative_offset_only():
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_option_forward_backward_and_run_folder_round_trip(options, tmp_path):
-    from sendvae.train.sit import load_sit_run, save_sit_folder
+    from sendvae.models.sit_formats import load_sit_run, save_sit_folder
 
     model = _randomise(build_sit("SiT-T/1", input_size=4, num_classes=5, teacher_dims=[24], **options))
     x, t, y = torch.randn(3, 4, 4, 4), torch.rand(3), torch.tensor([0, 4, 5])

@@ -17,9 +17,10 @@ from sendvae.data.latents import LatentDataset, cache_latents, draw_latents
 from sendvae.data.store import open_image_dataset
 from sendvae.errors import UserError
 from sendvae.models.sit import repa_loss
+from sendvae.models.sit_formats import load_sit, load_sit_run
 from sendvae.models.vae import build_vae, compute_latent_stats, save_vae
 from sendvae.train.loop import StepContext
-from sendvae.train.sit import TrainSiTConfig, build_sit_stage, load_sit_run, train_sit
+from sendvae.train.sit import TrainSiTConfig, build_sit_stage, train_sit
 from sendvae.transport import interpolate, velocity_target
 
 RES = 32
@@ -96,8 +97,6 @@ def test_sit_loss_falls_on_shapes_latents(cache, tmp_path):
     assert denoise_0 == pytest.approx(2.0, abs=0.3)  # zero velocity at init: E|eps - z|^2 = 1 + Var z
     assert denoise_1 < 0.85 * denoise_0
     assert repa_1 < repa_0 - 0.05  # the projected tokens turn toward the teacher's
-    from sendvae.models.sit import load_sit
-
     ema = load_sit(tmp_path / "run")  # a run folder loads its EMA weights
     assert torch.equal(ema.pos_embed, run.model.pos_embed)
     assert any(not torch.equal(a, b) for a, b in zip(ema.state_dict().values(), run.model.state_dict().values()))

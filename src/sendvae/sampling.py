@@ -639,9 +639,8 @@ def load_sit_source(path: str | Path) -> LoadedSiT:
     """A SiT from ``path``: a ``train-sit`` run (``RUN`` or ``RUN/sit``: its published EMA weights), one of
     its training checkpoints (``RUN/checkpoints/ckpt-<images>``: the EMA weights at that point, or the raw
     ones where the run had no EMA) or a SiT / REPA / REPA-E checkpoint file."""
-    from sendvae.models.sit import load_sit
+    from sendvae.models.sit_formats import load_sit, load_sit_run
     from sendvae.train.checkpoint import STATE_FILE, load_checkpoint
-    from sendvae.train.sit import load_sit_run
 
     path = Path(path)
     if path.is_file():

@@ -116,7 +116,7 @@ def _dinov2_teacher_folder(tmp: Path, marker: Path) -> Callable[[], object]:
 
 
 def _sit_checkpoint(tmp: Path, marker: Path) -> Callable[[], object]:
-    from sendvae.models.sit import load_sit
+    from sendvae.models.sit_formats import load_sit
 
     path = pickled_checkpoint(tmp / "last.pt", marker, wrap="ema")
     return lambda: load_sit(path)
@@ -271,7 +271,7 @@ def test_resume_with_a_replaced_file_falls_back_by_checksum(sit_reference: Refer
 def test_other_published_files_are_refused_with_a_user_error(target: str, sit_reference: Reference, tmp_path: Path,
                                                              marker: Path) -> None:
     if target == "sit-run-folder":
-        from sendvae.train.sit import load_sit_run
+        from sendvae.models.sit_formats import load_sit_run
 
         run = Path(shutil.copytree(sit_reference.path, tmp_path / "run"))
         pickled_checkpoint(run / "sit" / "ema.safetensors", marker)

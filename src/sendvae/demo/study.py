@@ -519,8 +519,9 @@ def run_generation(cfg: DemoConfig, out: Path, variant_run: str, folder: Path) -
     from sendvae.data.latents import cache_latents
     from sendvae.eval.generation import ImageSource, frechet_distance, summarize
     from sendvae.eval.shapes_classifier import class_consistency
+    from sendvae.models.sit_formats import load_sit_run
     from sendvae.sampling import SampleJob, SamplingConfig, sample_to_npz
-    from sendvae.train.sit import TrainSiTConfig, load_sit_run, train_sit
+    from sendvae.train.sit import TrainSiTConfig, train_sit
 
     vae_path = out / variant_run / "vae"
     train_store = read_done(out / "data")["sit_train"]

@@ -37,11 +37,8 @@ import inspect
 import json
 import logging
 import math
-import os
 import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sendvae.atomic import atomic_folder
 from sendvae.errors import UserError
 from sendvae.pickles import flatten_tensors, pickle_refusal
 from sendvae.progress import bars_enabled
@@ -847,26 +845,6 @@ def load_vae(
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-
-def atomic_folder(folder: Path, write: Any) -> Path:
-    """Run ``write(tmp)`` in a temporary sibling folder, then rename it to ``folder`` (replacing it)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        write(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
 
 
 def save_vae(vae: VAE, folder: str | Path) -> Path:

@@ -22,28 +22,23 @@ batch, channels and positions; the REPA term is the mean over batch and tokens; 
 takes the cosine over channels and the mean over positions and batch.
 
 The run publishes ``RUN/sit/``: ``config.json`` (model arguments, preset, classes, latent shape, VAE
-path and fingerprint, teacher), ``ema.safetensors`` and ``model.safetensors``; :func:`load_sit_run`
-reads it back for sampling.
+path and fingerprint, teacher), ``ema.safetensors`` and ``model.safetensors``
+(:func:`sendvae.models.sit_formats.save_sit_folder`; ``load_sit_run`` there reads it back for sampling).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sendvae.config import ConfigError, to_dict
 from sendvae.data.latents import CacheInfo, LatentDataset, check_fingerprint, open_cache, select_flip
-from sendvae.errors import UserError
-from sendvae.models.sit import SiT, args_from_dict, args_to_dict, preset_args, repa_loss
-from sendvae.models.vae import atomic_folder
+from sendvae.models.sit import SiT, preset_args, repa_loss
+from sendvae.models.sit_formats import save_sit_folder
 from sendvae.train.loop import Phase, StepContext, seed_for, train
 from sendvae.train.sit_config import (
     DataConfig,
@@ -58,7 +53,6 @@ from sendvae.transport import interpolate, sample_time, velocity_cosine_loss, ve
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = "sendvae-sit"
 _DRAW_STREAM = 7  # keeps the stage's draws apart from the loop's own seeds
 _INIT_STREAM = 8  # seed of the initial weights
 
@@ -170,75 +164,6 @@ class SiTStage:
         save_sit_folder(Path(run_dir) / "sit", published, self.model, self.run_info)
 
 
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    module = getattr(module, "module", module)  # a DDP wrapper
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
-
-
-def save_sit_folder(folder: Path, ema: nn.Module, model: nn.Module, info: dict[str, Any]) -> Path:
-    """Write ``folder/{config.json, ema.safetensors, model.safetensors}`` atomically (as one folder)."""
-    sit: SiT = getattr(model, "module", model)
-    config = {"format": RUN_FORMAT, "model": args_to_dict(sit.args), **info}
-
-    def write(tmp: Path) -> None:
-        for name, module in (("ema", ema), ("model", model)):
-            save_file(_state(module), str(tmp / f"{name}.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-
-    return atomic_folder(folder, write)
-
-
-@dataclass
-class SiTRun:
-    """A trained SiT read back from ``RUN/sit``: the model and what the sampler needs to decode."""
-
-    model: SiT
-    config: dict[str, Any]
-    folder: Path
-
-    @property
-    def vae_path(self) -> str:
-        return str(self.config["vae"]["path"])
-
-    @property
-    def vae_fingerprint(self) -> str:
-        return str(self.config["vae"]["fingerprint"])
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.config["latent_shape"]
-        return int(c), int(h), int(w)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.config["num_classes"])
-
-
-def load_sit_run(run_or_folder: str | Path, weights: Literal["ema", "model"] = "ema",
-                 device: str | torch.device = "cpu") -> SiTRun:
-    """Load ``RUN/sit`` (or the ``sit`` folder itself) written by ``train-sit``; EMA weights by default."""
-    folder = Path(run_or_folder)
-    if not (folder / "config.json").is_file() and (folder / "sit" / "config.json").is_file():
-        folder = folder / "sit"
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{run_or_folder} holds no trained SiT ({config_path} is missing; is the run finished?)")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != RUN_FORMAT:
-        raise UserError(f"{config_path} has format {config.get('format')!r}, expected {RUN_FORMAT!r}")
-    weights_path = folder / f"{weights}.safetensors"
-    if not weights_path.is_file():
-        raise UserError(f"{weights_path} is missing")
-    with torch.device("meta"):
-        model = SiT(args_from_dict(config["model"]))
-    try:
-        state = load_file(str(weights_path), device=str(device))
-    except SafetensorError as exc:
-        raise UserError(f"{weights_path} is not a readable safetensors file ({exc})") from None
-    model.load_state_dict(state, strict=True, assign=True)
-    return SiTRun(model.eval(), config, folder)
-
-
 # --------------------------------------------------------------------------------------------------
 # Building a run from its config
 # --------------------------------------------------------------------------------------------------
@@ -345,7 +270,6 @@ def train_sit(cfg: TrainSiTConfig, out: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "DataConfig", "ModelConfig", "OptimConfig", "RepaConfig", "SiTRun", "SiTStage", "TeacherConfig",
-    "TrainSiTConfig", "TransportConfig", "build_optimizer", "build_sit_stage", "load_sit_run", "save_sit_folder",
-    "train_sit",
+    "DataConfig", "ModelConfig", "OptimConfig", "RepaConfig", "SiTStage", "TeacherConfig",
+    "TrainSiTConfig", "TransportConfig", "build_optimizer", "build_sit_stage", "train_sit",
 ]
