@@ -1,11 +1,13 @@
 """Benchmark: stage-1 training images/s through the real loop, fp32 against bf16, measured in one run.
 
-Two settings, each trained twice (``train.precision=fp32`` then ``bf16``) with ``sendvae.train.vae.train_vae``
+Each setting is trained twice (``train.precision=fp32`` then ``bf16``) with ``sendvae.train.vae.train_vae``
 into a temporary run directory, one metrics record per step; the rate is the median of the
-per-step images/s after the first step (warm-up), so start-up and the final checkpoint are excluded:
+per-step images/s after the first step (warm-up), so start-up and the final checkpoint are excluded.
+The precision that ``precision: auto`` picks on this machine is marked:
 
-- ``tiny``: the shapes Send-VAE preset (configs/shapes/sendvae.yaml: tiny-f4c4 at 32 px, EfficientNet-Lite0
-  teacher, depth-1 mapper) from a random VAE, batch 64;
+- ``tiny``: the plain tiny VAE step (configs/shapes/base.yaml: tiny-f4c4 at 32 px, no alignment), batch 64;
+- ``tiny-vf`` / ``tiny-send``: the aligned fine-tune steps of the demo (configs/shapes/vf.yaml,
+  sendvae.yaml: EfficientNet-Lite0 teacher on every batch, VF adaptive weight / depth-1 mapper);
 - ``f16c32``: the paper's f16c32 VAE at 256 px with everything the ImageNet recipe runs (DINOv2-B teacher,
   mapper of width 768, LPIPS, PatchGAN), all randomly initialised (``weights=random``), batch 1 by default:
   one step takes tens of seconds on a 2-core CPU.
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from sendvae.config import load_config
+from sendvae.hardware import describe_cpu, resolve_precision
 from sendvae.train.vae import TrainVAEConfig, train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +45,9 @@ def settings(args: argparse.Namespace) -> dict[str, tuple[Path, list[str]]]:
         f"train.total_images={args.big_batch * args.big_steps}",
     ]
     return {
-        "tiny": (ROOT / "configs/shapes/sendvae.yaml", ["model.init=tiny-f4c4", *tiny]),
+        "tiny": (ROOT / "configs/shapes/base.yaml", ["model.init=tiny-f4c4", *tiny]),
+        "tiny-vf": (ROOT / "configs/shapes/vf.yaml", ["model.init=tiny-f4c4", *tiny]),
+        "tiny-send": (ROOT / "configs/shapes/sendvae.yaml", ["model.init=tiny-f4c4", *tiny]),
         "f16c32": (ROOT / "configs/imagenet256/sendvae_vavae_f16c32.yaml", big),
     }
 
@@ -64,7 +69,7 @@ def images_per_second(preset: Path, overrides: list[str], precision: str) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["tiny", "f16c32"], help="run one setting only")
+    parser.add_argument("--only", choices=["tiny", "tiny-vf", "tiny-send", "f16c32"], help="run one setting only")
     parser.add_argument("--steps", type=int, default=6, help="tiny: training steps per precision")
     parser.add_argument("--batch", type=int, default=64, help="tiny: batch size")
     parser.add_argument("--big-steps", type=int, default=3, help="f16c32: training steps per precision")
@@ -73,13 +78,16 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads")
+    auto = resolve_precision("auto", "cpu")
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU {describe_cpu()['cpu_model']}; {auto}")
     for name, (preset, overrides) in settings(args).items():
         if args.only and name != args.only:
             continue
         fp32 = images_per_second(preset, overrides, "fp32")
         bf16 = images_per_second(preset, overrides, "bf16")
-        print(f"{name:7s} fp32 {fp32:#8.3g} img/s   bf16 {bf16:#8.3g} img/s   bf16/fp32 {bf16 / fp32:.2f}x", flush=True)
+        marks = {p: "*" if p == auto.precision else " " for p in ("fp32", "bf16")}
+        print(f"{name:9s} fp32{marks['fp32']} {fp32:#8.3g} img/s   bf16{marks['bf16']} {bf16:#8.3g} img/s   "
+              f"bf16/fp32 {bf16 / fp32:.2f}x   (* = precision auto)", flush=True)
 
 
 if __name__ == "__main__":
