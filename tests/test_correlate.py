@@ -133,7 +133,8 @@ def test_correlate_reads_what_sendvae_probe_wrote(tmp_path, capsys):
     against their gFIDs: every correlation is computed from the probe's own numbers, and plots exist."""
     import torch
 
-    from sendvae.models.vae import build_vae, save_vae
+    from sendvae.models.vae import build_vae
+    from sendvae.models.vae_formats import save_vae
 
     gfid = {"a": 17.4, "b": 11.4, "c": 9.0, "d": 7.6}
     args = ["probe", "--data", "shapes:240", "--out", str(tmp_path / "probe"), "resolution=32", "l2_grid=[1e-3]",

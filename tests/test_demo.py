@@ -65,7 +65,8 @@ def test_rerun_skips_complete_steps_and_gives_the_same_summary(smoke):
 
 def test_a_deleted_step_reruns_deterministically(smoke):
     """Delete the 'none' fine-tune and the classifier: a rerun rebuilds them bit for bit."""
-    from sendvae.models.vae import load_vae, vae_fingerprint
+    from sendvae.models.vae import vae_fingerprint
+    from sendvae.models.vae_formats import load_vae
 
     out, _ = smoke
     before_vae = vae_fingerprint(load_vae(out / "vae-none" / "vae"))

@@ -15,7 +15,9 @@ from fixtures.fake_features import FakeInception
 from sendvae.config import load_config
 from sendvae.data.latents import cache_latents
 from sendvae.data.store import open_image_dataset
-from sendvae.models.vae import build_vae, compute_latent_stats, save_vae
+from sendvae.models.latent_stats import compute_latent_stats
+from sendvae.models.vae import build_vae
+from sendvae.models.vae_formats import save_vae
 from sendvae.train.sit import TrainSiTConfig, train_sit
 
 RES = 32

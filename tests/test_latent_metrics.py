@@ -21,7 +21,8 @@ from sendvae.eval.latent_metrics import (
     one_token_per_image,
     pool_latents,
 )
-from sendvae.eval.probe import Features, Standardizer
+from sendvae.eval.probe_features import Features
+from sendvae.eval.probe_solver import Standardizer
 
 
 def test_gini_known_values_and_pairwise_definition():

@@ -24,7 +24,8 @@ from sendvae.data.latents import (
 )
 from sendvae.data.store import open_image_dataset
 from sendvae.errors import UserError
-from sendvae.models.vae import build_vae, load_vae, save_vae
+from sendvae.models.vae import build_vae
+from sendvae.models.vae_formats import load_vae, save_vae
 from sendvae.pixels import to_model
 
 N, RES = 24, 32

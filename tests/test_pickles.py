@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from sendvae.cli import main
 from sendvae.errors import UserError
-from sendvae.models.vae import build_vae, diffusers_to_ldm, load_vae, vae_fingerprint
+from sendvae.models.vae import build_vae, vae_fingerprint
+from sendvae.models.vae_formats import diffusers_to_ldm, load_vae
 from sendvae.pickles import convert_pickle
 
 

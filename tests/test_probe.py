@@ -11,22 +11,22 @@ import torch
 
 from sendvae.errors import UserError
 from sendvae.eval.probe import (
-    Features,
-    PixelEncoder,
-    Standardizer,
-    TeacherEncoder,
-    VAEEncoder,
-    best_f1_thresholds,
     chance_macro_f1,
     evaluate_probe,
-    extract_encoder_features,
-    extract_features,
     f1_scores,
     factor_accuracy,
-    fit_linear_probe,
     top_k_recall,
     top_k_recall_per_image,
 )
+from sendvae.eval.probe_features import (
+    Features,
+    PixelEncoder,
+    TeacherEncoder,
+    VAEEncoder,
+    extract_encoder_features,
+    extract_features,
+)
+from sendvae.eval.probe_solver import Standardizer, best_f1_thresholds, fit_linear_probe
 
 
 def _synthetic_multilabel(n: int, d: int, a: int, seed: int, missing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +253,8 @@ def test_bad_inputs_name_the_problem():
 
 def test_probe_command_end_to_end_with_references_and_cache(tmp_path, capsys):
     from sendvae.cli import main
-    from sendvae.models.vae import build_vae, save_vae
+    from sendvae.models.vae import build_vae
+    from sendvae.models.vae_formats import save_vae
 
     torch.manual_seed(0)
     save_vae(build_vae("tiny-f4c4"), tmp_path / "tiny")

@@ -22,7 +22,8 @@ from sendvae.cli import main
 from sendvae.config import load_config
 from sendvae.data.attributes import open_shapes
 from sendvae.data.shapes import FACTORS, attribute_names
-from sendvae.eval.probe import evaluate_probe, fit_linear_probe
+from sendvae.eval.probe import evaluate_probe
+from sendvae.eval.probe_solver import fit_linear_probe
 from sendvae.train.vae import TrainVAEConfig, train_vae
 
 ROOT = Path(__file__).resolve().parents[1]

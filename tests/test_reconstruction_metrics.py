@@ -144,7 +144,8 @@ def test_eval_vae_command(tmp_path, monkeypatch, capsys):
 
     import sendvae.eval.inception as inception_module
     from sendvae.cli import main
-    from sendvae.models.vae import build_vae, load_vae, save_vae
+    from sendvae.models.vae import build_vae
+    from sendvae.models.vae_formats import load_vae, save_vae
 
     monkeypatch.setattr(
         inception_module, "InceptionFeatures", lambda weights=None, device="cpu", dtype=None: FakeInception()

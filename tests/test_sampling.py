@@ -321,7 +321,8 @@ def _free_port() -> int:
 def sit_run(tmp_path_factory) -> Path:
     """A train-sit run folder: a tiny random SiT (non-zero output layer) on the latents of a tiny random VAE."""
     from sendvae.models.sit import build_sit
-    from sendvae.models.vae import build_vae, save_vae, vae_fingerprint
+    from sendvae.models.vae import build_vae, vae_fingerprint
+    from sendvae.models.vae_formats import save_vae
     from sendvae.models.sit_formats import save_sit_folder
 
     root = tmp_path_factory.mktemp("run")
@@ -417,7 +418,7 @@ def test_sample_command_gives_the_same_npz_for_one_or_two_processes_and_any_batc
 
 
 def test_decoding_uses_the_vae_latent_statistics(sit_run):
-    from sendvae.models.vae import load_vae
+    from sendvae.models.vae_formats import load_vae
     from sendvae.sampling import load_generator
 
     generator = load_generator(sit_run, dtype="float64")
@@ -442,7 +443,8 @@ def test_decoding_uses_the_vae_latent_statistics(sit_run):
 
 
 def test_sample_command_refuses_a_vae_the_sit_was_not_trained_on(tmp_path, sit_run):
-    from sendvae.models.vae import build_vae, save_vae
+    from sendvae.models.vae import build_vae
+    from sendvae.models.vae_formats import save_vae
     from sendvae.sampling import load_generator
 
     other = save_vae(build_vae("tiny-f4c4"), tmp_path / "other-vae")

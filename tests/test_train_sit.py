@@ -18,7 +18,9 @@ from sendvae.data.store import open_image_dataset
 from sendvae.errors import UserError
 from sendvae.models.sit import repa_loss
 from sendvae.models.sit_formats import load_sit, load_sit_run
-from sendvae.models.vae import build_vae, compute_latent_stats, save_vae
+from sendvae.models.latent_stats import compute_latent_stats
+from sendvae.models.vae import build_vae
+from sendvae.models.vae_formats import save_vae
 from sendvae.train.loop import StepContext
 from sendvae.train.sit import TrainSiTConfig, build_sit_stage, train_sit
 from sendvae.transport import interpolate, velocity_target

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from sendvae.cli import main
 from sendvae.config import load_config
 from sendvae.data.store import open_image_dataset
-from sendvae.models.vae import load_vae
+from sendvae.models.vae_formats import load_vae
 from sendvae.pixels import to_model
 from sendvae.train.checkpoint import load_latest
 from sendvae.train.loop import StepContext

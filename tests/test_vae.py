@@ -13,20 +13,15 @@ from safetensors.torch import load_file, save_file
 
 from sendvae.cli import main
 from sendvae.errors import UserError
-from sendvae.models.vae import (
-    VAE_PRESETS,
-    DiagonalGaussian,
-    VAEArch,
-    build_vae,
-    compute_latent_stats,
-    count_parameters,
+from sendvae.models.latent_stats import compute_latent_stats
+from sendvae.models.vae import DiagonalGaussian, VAEArch, VAE_PRESETS, build_vae, count_parameters, vae_fingerprint
+from sendvae.models.vae_formats import (
     diffusers_to_ldm,
     export_diffusers,
     ldm_to_diffusers,
     load_latent_stats,
     load_vae,
     save_vae,
-    vae_fingerprint,
 )
 
 # A tiny LDM layout with attention inside its last level (like f16c32's 16x16 level): f2, 4 channels.

@@ -705,7 +705,8 @@ def load_generator(
     those; everything else with the VAE's own statistics. ``guide_model`` (AutoGuidance) must share
     the SiT's latent space; it runs in the same ``dtype``.
     """
-    from sendvae.models.vae import load_vae, vae_fingerprint
+    from sendvae.models.vae import vae_fingerprint
+    from sendvae.models.vae_formats import load_vae
 
     if dtype not in _DTYPES:
         raise UserError(f"dtype: {dtype!r} is not one of {list(_DTYPES)}")

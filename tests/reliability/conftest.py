@@ -55,7 +55,9 @@ def vae_reference(workspace: Path) -> Reference:
 def stage2_vae(workspace: Path) -> Path:
     """A tiny-f4c4 VAE at 32 px with an informative posterior (std ~ 0.02) and its latent statistics."""
     from sendvae.data.store import open_image_dataset
-    from sendvae.models.vae import build_vae, compute_latent_stats, save_vae
+    from sendvae.models.latent_stats import compute_latent_stats
+    from sendvae.models.vae import build_vae
+    from sendvae.models.vae_formats import save_vae
 
     torch.manual_seed(0)
     vae = build_vae("tiny-f4c4", resolution=32)

@@ -140,7 +140,8 @@ class Inputs:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, stage2_vae: Path, cache_reference: Reference, sit_reference: Reference,
            store_reference: Reference, image_folder: Path) -> Inputs:
-    from sendvae.models.vae import build_vae, save_vae
+    from sendvae.models.vae import build_vae
+    from sendvae.models.vae_formats import save_vae
 
     tmp = tmp_path_factory.mktemp("bad-inputs")
     torch.manual_seed(1)

@@ -63,14 +63,15 @@ def _forge_checksum(checkpoint: Path, filename: str) -> None:
 
 
 def _vae_checkpoint(tmp: Path, marker: Path) -> Callable[[], object]:
-    from sendvae.models.vae import load_vae
+    from sendvae.models.vae_formats import load_vae
 
     path = pickled_checkpoint(tmp / "vavae-f16d32.ckpt", marker)
     return lambda: load_vae(path)
 
 
 def _diffusers_folder(tmp: Path, marker: Path) -> Callable[[], object]:
-    from sendvae.models.vae import build_vae, load_vae
+    from sendvae.models.vae import build_vae
+    from sendvae.models.vae_formats import load_vae
 
     vae = build_vae("tiny-f4c4", resolution=16)
     vae.autoencoder.save_pretrained(str(tmp / "sd-vae"), safe_serialization=True)
@@ -80,7 +81,8 @@ def _diffusers_folder(tmp: Path, marker: Path) -> Callable[[], object]:
 
 
 def _sendvae_folder(tmp: Path, marker: Path) -> Callable[[], object]:
-    from sendvae.models.vae import build_vae, load_vae, save_vae
+    from sendvae.models.vae import build_vae
+    from sendvae.models.vae_formats import load_vae, save_vae
 
     folder = save_vae(build_vae("tiny-f4c4", resolution=16), tmp / "vae")
     pickled_checkpoint(folder / "model.safetensors", marker)  # a pickle under a safetensors name
@@ -88,7 +90,7 @@ def _sendvae_folder(tmp: Path, marker: Path) -> Callable[[], object]:
 
 
 def _latent_stats(tmp: Path, marker: Path) -> Callable[[], object]:
-    from sendvae.models.vae import load_latent_stats
+    from sendvae.models.vae_formats import load_latent_stats
 
     path = pickled_checkpoint(tmp / "vavae-latents-stats.pt", marker)
     return lambda: load_latent_stats(path)

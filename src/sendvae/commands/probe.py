@@ -59,7 +59,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sendvae.eval.probe import ProbeConfig, probe_markdown, run_probe
+    from sendvae.eval.probe import probe_markdown, run_probe
+    from sendvae.eval.probe_config import ProbeConfig
 
     cfg = config_from_args(ProbeConfig, args)
     if args.use_mean is not None:

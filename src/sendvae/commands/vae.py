@@ -1,7 +1,7 @@
 """``sendvae vae``: inspect, convert and export VAEs, and compute their latent statistics.
 
-Thin wrappers over :mod:`sendvae.models.vae` (``load_vae``, ``save_vae``, ``export_diffusers``,
-``compute_latent_stats``, ``describe_vae``).
+Thin wrappers over :mod:`sendvae.models.vae_formats` (``load_vae``, ``save_vae``, ``export_diffusers``),
+:mod:`sendvae.models.latent_stats` (``compute_latent_stats``) and :mod:`sendvae.models.vae` (``describe_vae``).
 """
 
 from __future__ import annotations
@@ -168,7 +168,8 @@ def _format_info(info: dict[str, Any]) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from sendvae.models.vae import describe_vae, load_vae
+    from sendvae.models.vae import describe_vae
+    from sendvae.models.vae_formats import load_vae
 
     info = describe_vae(load_vae(args.path, stats=args.stats, prefix=args.prefix))
     print(json.dumps(info, indent=2) if args.json else _format_info(info))
@@ -176,7 +177,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from sendvae.models.vae import export_diffusers, load_vae
+    from sendvae.models.vae_formats import export_diffusers, load_vae
 
     out = export_diffusers(load_vae(args.ckpt, stats=args.stats, prefix=args.prefix), args.out)
     print(f"wrote diffusers AutoencoderKL folder {out} (with latent_stats.json)")
@@ -184,7 +185,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from sendvae.models.vae import load_vae, save_vae
+    from sendvae.models.vae_formats import load_vae, save_vae
 
     out = save_vae(load_vae(args.src, stats=args.stats, prefix=args.prefix), args.out)
     print(f"wrote sendvae VAE folder {out}")
@@ -196,7 +197,8 @@ def run_stats(args: argparse.Namespace) -> int:
 
     from sendvae.data.store import open_image_dataset
     from sendvae.errors import UserError
-    from sendvae.models.vae import compute_latent_stats, load_vae, save_vae
+    from sendvae.models.latent_stats import compute_latent_stats
+    from sendvae.models.vae_formats import load_vae, save_vae
     from sendvae.hardware import resolve_device
 
     if args.num_images < 1 or args.batch_size < 1:

@@ -178,7 +178,8 @@ def cache_latents(
     """
     from sendvae.data.store import open_image_dataset
     from sendvae.locking import PidLock
-    from sendvae.models.vae import load_vae, vae_fingerprint
+    from sendvae.models.vae import vae_fingerprint
+    from sendvae.models.vae_formats import load_vae
     from sendvae import distributed
 
     if shard_size < 1 or batch_size < 1:
@@ -403,7 +404,8 @@ class LatentDataset(Dataset):
         self.shift: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         if vae is not None:
-            from sendvae.models.vae import load_vae, vae_fingerprint
+            from sendvae.models.vae import vae_fingerprint
+            from sendvae.models.vae_formats import load_vae
 
             vae_name = str(vae) if isinstance(vae, (str, Path)) else "given as a module"
             module = load_vae(vae) if isinstance(vae, (str, Path)) else vae

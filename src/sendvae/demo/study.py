@@ -312,13 +312,9 @@ def _probe_row(name: str, kind: str, encoder: Any, train: Any, test: Any, cfg: D
                cache: Path) -> dict[str, Any]:
     """Features -> (PCA for references) -> linear probe fitted on probe-train -> scores on the test set."""
     from sendvae.data.shapes import attribute_names
-    from sendvae.eval.probe import (
-        PCA,
-        evaluate_probe,
-        extract_encoder_features,
-        factor_groups,
-        fit_linear_probe,
-    )
+    from sendvae.eval.probe import evaluate_probe, factor_groups
+    from sendvae.eval.probe_features import extract_encoder_features
+    from sendvae.eval.probe_solver import PCA, fit_linear_probe
 
     start = time.time()
     names = attribute_names()
@@ -343,13 +339,10 @@ def run_probes(cfg: DemoConfig, data: dict[str, Any], vaes: dict[str, str], fold
 
     from sendvae.data.shapes import attribute_vector
     from sendvae.data.store import ImageStore
-    from sendvae.eval.probe import (
-        PixelEncoder,
-        TeacherEncoder,
-        VAEEncoder,
-        chance_macro_f1,
-    )
-    from sendvae.models.vae import build_vae, load_vae
+    from sendvae.eval.probe import chance_macro_f1
+    from sendvae.eval.probe_features import PixelEncoder, TeacherEncoder, VAEEncoder
+    from sendvae.models.vae import build_vae
+    from sendvae.models.vae_formats import load_vae
 
     train_store, test_store = ImageStore(data["train"]), ImageStore(data["test"])
     n = min(cfg.probe_train or len(train_store), len(train_store))
@@ -392,7 +385,7 @@ def run_probes(cfg: DemoConfig, data: dict[str, Any], vaes: dict[str, str], fold
 
 
 class AutocastEncoder:
-    """A probe feature encoder (:class:`sendvae.eval.probe.FeatureEncoder`) run under bf16 autocast.
+    """A probe feature encoder (:class:`sendvae.eval.probe_features.FeatureEncoder`) run under bf16 autocast.
 
     Evaluation features only need a few significant digits, and bf16 makes the encoders 2-3x faster
     on CPUs with native bf16 (the demo asks only where ``precision`` resolved to bf16); the
@@ -484,7 +477,7 @@ def evaluate_reconstructions(cfg: DemoConfig, data: dict[str, Any], vaes: dict[s
     from sendvae.eval.generation import ImageSource, frechet_distance, summarize
     from sendvae.eval.reconstruction import evaluate_reconstruction, vae_reconstructor
     from sendvae.losses import PerceptualLoss, default_vgg16_path
-    from sendvae.models.vae import load_vae
+    from sendvae.models.vae_formats import load_vae
     from sendvae.pixels import to_model, to_uint8
 
     extractor = ClassifierFeatures(load_classifier(folder.parent / "classifier"), cfg.precision == "bf16")
@@ -541,7 +534,7 @@ def run_generation(cfg: DemoConfig, out: Path, variant_run: str, folder: Path) -
     _check_finished(summary, folder / "sit")
 
     run = load_sit_run(folder / "sit")
-    from sendvae.models.vae import load_vae
+    from sendvae.models.vae_formats import load_vae
     from sendvae.pixels import to_uint8
 
     vae = load_vae(vae_path).eval()

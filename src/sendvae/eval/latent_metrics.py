@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sendvae.errors import UserError
-from sendvae.eval.probe import PCA, Standardizer, carve_validation, fit_with_lbfgs
+from sendvae.eval.probe_solver import PCA, Standardizer, carve_validation, fit_with_lbfgs
 
 # ----------------------------------------------------------------------------------------------
 # Class linear-probe accuracy

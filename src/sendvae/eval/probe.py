@@ -5,11 +5,12 @@ measures it with a linear probe on the **flattened encoder latent** (no pooling;
 for f16d32) that predicts binary attributes (CelebA, DeepFashion, AwA2), scored by F1 (paper
 Table 8). The paper leaves the classifier, splits and F1 averaging open; this module fixes them:
 
-* **features** (:func:`extract_features`): the posterior mean (default) or one posterior sample per
-  image, flattened; cached as safetensors per (encoder fingerprint, dataset, split). A sample for
-  image ``i`` uses noise seeded by ``(seed, i)``, so it does not depend on the batch size.
-* **classifier** (:func:`fit_linear_probe`): one logistic regression per attribute, all fitted
-  jointly in torch by full-batch L-BFGS on features standardised with *train* statistics. The
+* **features** (:mod:`sendvae.eval.probe_features`): the posterior mean (default) or one posterior
+  sample per image, flattened; cached as safetensors per (encoder fingerprint, dataset, split). A
+  sample for image ``i`` uses noise seeded by ``(seed, i)``, so it does not depend on the batch size.
+* **classifier** (:mod:`sendvae.eval.probe_solver`, ``fit_linear_probe``): one logistic regression per
+  attribute, all fitted jointly in torch by full-batch L-BFGS on features standardised with *train*
+  statistics. The
   objective for attribute ``a`` is ``mean_i BCE(x_i . w_a + b_a, y_ia) + (l2 / 2) |w_a|^2`` over the
   images whose label is known (NaN labels are masked), i.e. scikit-learn's
   ``LogisticRegression(C = 1 / (l2 * n_a))``. Each attribute's L2 weight is chosen from ``l2_grid``
@@ -28,580 +29,50 @@ Table 8). The paper leaves the classifier, splits and F1 averaging open; this mo
 :func:`run_probe` runs this for several VAEs and reference rows (raw pixels, a teacher's tokens,
 a random-init VAE) on several datasets, and writes ``probe_results.json`` and ``probe_results.md``.
 Wide references are reduced for speed to the top principal directions of their *standardised*
-features, the components kept at their relative scale (:func:`standardized_pca`). A random-init
-VAE is a *reference*, not a floor: it can beat a trained VAE on some factors (PILOT.md).
+features, the components kept at their relative scale (``standardized_pca`` in
+:mod:`sendvae.eval.probe_solver`). A random-init VAE is a *reference*, not a floor: it can beat a
+trained VAE on some factors (PILOT.md).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from sendvae.config import to_dict
-from sendvae.eval.probe_config import DEFAULT_L2_GRID, ProbeConfig
 from sendvae.errors import UserError
-from sendvae.pixels import to_model
-from sendvae.progress import bars_enabled
+from sendvae.eval.probe_config import ProbeConfig
+from sendvae.eval.probe_features import (
+    FeatureEncoder,
+    Features,
+    PixelEncoder,
+    TeacherEncoder,
+    VAEEncoder,
+    extract_encoder_features,
+)
+from sendvae.eval.probe_solver import (
+    LinearProbe,
+    carve_validation,
+    check_xy,
+    fit_linear_probe,
+    nan_to_mask,
+    standardized_pca,
+)
 from sendvae.hardware import resolve_device
+from sendvae.progress import bars_enabled
 
 log = logging.getLogger(__name__)
 
-FEATURE_CACHE_VERSION = 1
 _EPS = 1e-12
-
-
-# ----------------------------------------------------------------------------------------------
-# Features
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Features:
-    """Flattened features of one dataset split and the labels that travel with them."""
-
-    x: Tensor  # [N, D] float32, the flattened per-image feature
-    attributes: Tensor | None  # [N, A] float32 0/1, NaN where unknown (None for unlabelled sets)
-    labels: Tensor  # [N] int64 class label
-    index: Tensor  # [N] int64 dataset index
-    shape: tuple[int, ...]  # per-image feature shape before flattening, e.g. (C, h, w)
-    layout: str = "chw"  # "chw" (channels first map) or "nd" (tokens x dim), to recover latent tokens
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def subset(self, rows: Tensor) -> "Features":
-        return Features(
-            self.x[rows], None if self.attributes is None else self.attributes[rows], self.labels[rows],
-            self.index[rows], self.shape, self.layout,
-        )
-
-    def tokens(self) -> Tensor:
-        """The per-position latent tokens [N * positions, channels] (MAETok fits its GMM on these)."""
-        maps = self.x.reshape(len(self), *self.shape)
-        if self.layout == "chw" and maps.dim() == 4:
-            return maps.flatten(2).transpose(1, 2).reshape(-1, self.shape[0])
-        if self.layout == "nd" and maps.dim() == 3:
-            return maps.reshape(-1, self.shape[-1])
-        return self.x
-
-
-class FeatureEncoder(Protocol):
-    """Anything that turns uint8 images [B, 3, H, W] into per-image features [B, ...]."""
-
-    key: str  # identifies the encoder's weights and mode in the feature cache
-    layout: str  # "chw" or "nd"
-
-    def __call__(self, images: Tensor, index: Tensor) -> Tensor: ...
-
-
-def _seeded_noise(shape: Sequence[int], index: Tensor, seed: int) -> Tensor:
-    """One N(0, I) draw per dataset index from a generator seeded by (seed, index) (DESIGN.md seeds)."""
-    draws = []
-    for i in index.tolist():
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + int(i)) % (2**63 - 1))
-        draws.append(torch.randn(tuple(shape), generator=gen))
-    return torch.stack(draws)
-
-
-class VAEEncoder:
-    """The VAE posterior mean (or one seeded sample) of the image in [-1, 1]; no normalisation, no pooling."""
-
-    layout = "chw"
-
-    def __init__(self, vae: torch.nn.Module, use_mean: bool = True, seed: int = 0) -> None:
-        from sendvae.models.vae import vae_fingerprint
-
-        self.vae, self.use_mean, self.seed = vae, use_mean, seed
-        self.key = f"vae:{vae_fingerprint(vae)}:" + ("mean" if use_mean else f"sample:{seed}")
-
-    @torch.inference_mode()
-    def __call__(self, images: Tensor, index: Tensor) -> Tensor:
-        posterior = self.vae.encode(to_model(images))
-        if self.use_mean:
-            return posterior.mean.float()
-        noise = _seeded_noise(posterior.mean.shape[1:], index, self.seed).to(posterior.mean.device)
-        return (posterior.mean + posterior.std * noise).float()
-
-
-class PixelEncoder:
-    """Raw pixels in [-1, 1] (reference row)."""
-
-    key, layout = "pixels", "chw"
-
-    def __call__(self, images: Tensor, index: Tensor) -> Tensor:
-        return to_model(images)
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of a module's parameters and buffers (names, shapes and values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-class TeacherEncoder:
-    """A frozen teacher's patch tokens [N, dim] (reference row; see sendvae.models.teachers)."""
-
-    layout = "nd"
-
-    def __init__(self, teacher: torch.nn.Module, name: str) -> None:
-        self.teacher = teacher
-        self.key = (f"teacher:{name}:{getattr(teacher, 'grid', '')}:{getattr(teacher, 'resize', '')}:"
-                    f"{module_fingerprint(teacher)}")
-
-    @torch.inference_mode()
-    def __call__(self, images: Tensor, index: Tensor) -> Tensor:
-        return self.teacher(images).float()
-
-
-def _cache_file(cache_dir: str | Path, encoder_key: str, dataset_key: str) -> Path:
-    digest = hashlib.sha256(json.dumps([FEATURE_CACHE_VERSION, encoder_key, dataset_key]).encode()).hexdigest()
-    return Path(cache_dir) / f"features-{digest[:24]}.safetensors"
-
-
-def _load_cached(path: Path, encoder_key: str, dataset_key: str, n: int) -> Features | None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("encoder") != encoder_key or meta.get("dataset") != dataset_key:
-                return None
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # a truncated or foreign file: recompute rather than fail
-        log.warning("feature cache %s unreadable (%s); recomputing", path, exc)
-        return None
-    if tensors["x"].shape[0] != n:
-        return None
-    return Features(
-        tensors["x"], tensors.get("attributes"), tensors["labels"], tensors["index"],
-        tuple(json.loads(meta["shape"])), meta.get("layout", "chw"),
-    )
-
-
-def _save_cached(path: Path, feats: Features, encoder_key: str, dataset_key: str) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"x": feats.x.contiguous(), "labels": feats.labels, "index": feats.index}
-    if feats.attributes is not None:
-        tensors["attributes"] = feats.attributes.contiguous()
-    meta = {"encoder": encoder_key, "dataset": dataset_key, "shape": json.dumps(list(feats.shape)),
-            "layout": feats.layout, "version": str(FEATURE_CACHE_VERSION)}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-
-
-def _batches(dataset: Any, batch_size: int, num_workers: int) -> Iterator[dict[str, Tensor]]:
-    """Batches in dataset order: the dataset's own ``batch(indices)`` fast path (shapes) or a DataLoader."""
-    if callable(getattr(dataset, "batch", None)) and num_workers == 0:
-        for start in range(0, len(dataset), batch_size):
-            yield dataset.batch(list(range(start, min(start + batch_size, len(dataset)))))
-        return
-    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-
-
-def extract_encoder_features(
-    encoder: FeatureEncoder,
-    dataset: torch.utils.data.Dataset,
-    *,
-    dataset_key: str | None = None,  # identifies dataset + split + resolution in the cache
-    cache_dir: str | Path | None = None,  # None: no cache
-    batch_size: int = 64,  # images per encoder call
-    num_workers: int = 0,  # DataLoader workers
-    device: str | torch.device = "cpu",  # where the encoder runs (it must already be there)
-    desc: str = "features",  # progress-bar label
-) -> Features:
-    """Encode every item of ``dataset`` with ``encoder`` and flatten, reading/writing the cache."""
-    n = len(dataset)  # type: ignore[arg-type]
-    path = None
-    if cache_dir is not None:
-        if dataset_key is None:
-            raise ValueError("dataset_key is required when cache_dir is set")
-        path = _cache_file(cache_dir, encoder.key, dataset_key)
-        if path.is_file():
-            cached = _load_cached(path, encoder.key, dataset_key, n)
-            if cached is not None:
-                log.info("features from cache %s", path)
-                return cached
-    xs, attrs, labels, indices = [], [], [], []
-    shape: tuple[int, ...] = ()
-    for batch in tqdm(_batches(dataset, batch_size, num_workers), desc=desc, unit="batch", leave=False,
-                      total=math.ceil(n / batch_size), disable=not bars_enabled()):
-        images = batch["image"].to(device)
-        index = batch["index"].long() if "index" in batch else torch.arange(len(images)) + sum(map(len, indices))
-        out = encoder(images, index)
-        shape = tuple(out.shape[1:])
-        xs.append(out.flatten(1).float().cpu())
-        no_label = torch.zeros(len(images), dtype=torch.long)
-        labels.append(batch["label"].long().reshape(-1) if "label" in batch else no_label)
-        indices.append(index.reshape(-1))
-        if "attributes" in batch:
-            attrs.append(batch["attributes"].float())
-    if not xs:
-        raise UserError(f"dataset {dataset_key or ''} is empty: nothing to encode")
-    feats = Features(
-        torch.cat(xs), torch.cat(attrs) if attrs else None, torch.cat(labels), torch.cat(indices), shape,
-        getattr(encoder, "layout", "chw"),
-    )
-    if path is not None:
-        _save_cached(path, feats, encoder.key, dataset_key or "")
-    return feats
-
-
-def extract_features(
-    vae: torch.nn.Module,
-    dataset: torch.utils.data.Dataset,
-    use_mean: bool = True,  # posterior mean (True) or one sample seeded by (seed, index)
-    batch_size: int = 64,
-    cache_dir: str | Path | None = None,
-    *,
-    dataset_key: str | None = None,  # e.g. "celeba:/data/celeba|256|train"; required with cache_dir
-    seed: int = 0,
-    num_workers: int = 0,
-) -> Features:
-    """The flattened encoder latent (no pooling) of every image, cached per (VAE fingerprint, dataset, split, mode)."""
-    device = next(vae.parameters()).device
-    return extract_encoder_features(
-        VAEEncoder(vae, use_mean, seed), dataset, dataset_key=dataset_key, cache_dir=cache_dir,
-        batch_size=batch_size, num_workers=num_workers, device=device,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Standardisation, PCA, validation split, the L-BFGS driver (shared with latent_metrics)
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Standardizer:
-    """Per-dimension z-score with statistics from the training features (constant dims map to 0)."""
-
-    mean: Tensor
-    std: Tensor
-
-    @classmethod
-    def fit(cls, x: Tensor, chunk: int = 16384) -> "Standardizer":
-        """Mean and (population) std per dimension, accumulated in float64 chunk by chunk."""
-        total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-        for i in range(0, len(x), chunk):
-            total += x[i:i + chunk].double().sum(0)
-        mean = total / len(x)
-        sq = torch.zeros_like(total)
-        for i in range(0, len(x), chunk):
-            sq += ((x[i:i + chunk].double() - mean) ** 2).sum(0)
-        std = (sq / len(x)).sqrt()
-        std = torch.where(std > 1e-8 * (1 + mean.abs()), std, torch.ones_like(std))
-        return cls(mean.float(), std.float())
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
-
-    def copy_to(self, x: Tensor, device: torch.device) -> Tensor:
-        """Standardised float32 copy of ``x`` on ``device``, made in place (one copy of the data)."""
-        out = x.to(device=device, dtype=torch.float32, copy=True)
-        return out.sub_(self.mean.to(device)).div_(self.std.to(device))
-
-
-@dataclass
-class PCA:
-    """Projection on the top principal directions of the training features (references, for speed)."""
-
-    mean: Tensor  # [D]
-    components: Tensor  # [D, k]
-
-    @classmethod
-    def fit(cls, x: Tensor, dim: int, seed: int = 0) -> "PCA":
-        dim = min(dim, x.shape[0], x.shape[1])
-        mean = x.mean(0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            _, _, v = torch.pca_lowrank(x - mean, q=dim, center=False, niter=4)
-        return cls(mean, v[:, :dim])
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return (x - self.mean) @ self.components
-
-
-def standardized_pca(
-    train_x: Tensor, others: Sequence[Tensor], dim: int, *, seed: int = 0, device: str | torch.device = "cpu",
-) -> tuple[Tensor, ...]:
-    """Standardise with train statistics, then project on the top ``dim`` principal directions of train.
-
-    The components are *not* rescaled one by one: a probe with an L2 penalty on them is the probe on
-    the standardised features restricted to the principal subspace (whitening the components would
-    blow the noise directions up to the size of the signal ones). Returns (train, *others) on CPU.
-    """
-    standardizer = Standardizer.fit(train_x)
-    z_train = standardizer.copy_to(train_x, torch.device(device))
-    pca = PCA.fit(z_train, dim, seed)
-    out = [pca(z_train).cpu()]
-    del z_train
-    out += [pca(standardizer.copy_to(x, torch.device(device))).cpu() for x in others]
-    return tuple(out)
-
-
-def carve_validation(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """A seeded split of ``range(n)`` into (train rows, validation rows)."""
-    if not 0.0 < fraction < 1.0:
-        raise UserError(f"val_fraction must be in (0, 1), got {fraction}")
-    n_val = max(1, int(round(n * fraction)))
-    if n - n_val < 1:
-        raise UserError(f"cannot carve a validation split from {n} training images")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-def fit_with_lbfgs(
-    params: list[Tensor],
-    objective: Callable[[], Tensor],
-    val_objective: Callable[[], Tensor] | None = None,
-    *,
-    per_column: bool = False,  # val_objective gives one loss per column (last dim) of every parameter
-    max_iter: int = 300,  # L-BFGS iterations in all
-    check_every: int = 10,  # iterations between validation checks (after 1, 2, 4, 8, ... at the start)
-    patience: int = 3,  # checks without any improvement before stopping early
-) -> tuple[Tensor, int]:
-    """Minimise ``objective`` by full-batch L-BFGS (strong Wolfe line search), with early stopping.
-
-    ``val_objective`` returns the validation loss: a scalar, or with ``per_column`` one value per
-    column of the parameters (independent problems fitted jointly, e.g. one logistic regression per
-    attribute). The parameters (or each column) with the best validation loss are kept, and training
-    stops once no loss has improved for ``patience`` checks. Returns (best validation loss(es), or the
-    final training loss without a validation objective; iterations run).
-    """
-    # max_eval = 25 x the chunk's iterations: the iteration count, not the evaluation budget, ends a chunk
-    opt = torch.optim.LBFGS(
-        params, lr=1.0, max_iter=check_every, history_size=20, tolerance_grad=1e-7, tolerance_change=1e-12,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = objective()
-        loss.backward()
-        return loss
-
-    def validate() -> Tensor:
-        with torch.no_grad():
-            return torch.as_tensor(val_objective(), dtype=torch.float64).reshape(-1).cpu()  # type: ignore[misc]
-
-    best = validate() if val_objective is not None else torch.tensor([math.inf], dtype=torch.float64)
-    best_params = [p.detach().clone() for p in params]
-    bad, done = 0, 0
-    while done < max_iter:
-        # checks after iterations 1, 2, 4, 8, ... then every check_every: small sets overfit within a few steps
-        chunk = min(check_every, max(1, done), max_iter - done) if val_objective is not None else check_every
-        opt.param_groups[0].update(max_iter=chunk, max_eval=25 * chunk)
-        state = opt.state[params[0]]
-        iters_before, evals_before = state.get("n_iter", 0), state.get("func_evals", 0)
-        opt.step(closure)
-        state = opt.state[params[0]]
-        ran, evals = state.get("n_iter", 0) - iters_before, state.get("func_evals", 0) - evals_before
-        done += max(ran, 1)
-        if val_objective is not None:
-            current = validate()
-            improved = current < best - 1e-7 * (1 + best.abs())
-            if bool(improved.any()):
-                bad = 0
-                best = torch.where(improved, current, best)
-                with torch.no_grad():
-                    for p, b in zip(params, best_params):
-                        if per_column:
-                            cols = improved.to(p.device)
-                            b[..., cols] = p.detach()[..., cols]
-                        else:
-                            b.copy_(p.detach())
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
-        if ran < chunk and evals < 25 * chunk:  # converged inside this chunk (gradient or change tolerance)
-            break
-    if val_objective is None:
-        return objective().detach().reshape(1).cpu().double(), done
-    with torch.no_grad():
-        for p, b in zip(params, best_params):
-            p.copy_(b)
-    return best, done
-
-
-# ----------------------------------------------------------------------------------------------
-# The multi-label probe
-# ----------------------------------------------------------------------------------------------
-
-
-def _masked_bce(logits: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    """Mean BCE over the known labels of each attribute -> [A] (NaN where an attribute has none)."""
-    loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none") * mask
-    return loss.sum(0) / mask.sum(0)
-
-
-def _nan_to_mask(y: Tensor) -> tuple[Tensor, Tensor]:
-    known = ~torch.isnan(y)
-    return torch.where(known, y, torch.zeros_like(y)), known.to(y.dtype)
-
-
-def best_f1_thresholds(logits: Tensor, y: Tensor) -> Tensor:
-    """Per attribute, the logit threshold (predict ``logit > threshold``) that maximises F1 on (logits, y).
-
-    Only cuts between distinct scores are considered; the threshold is the midpoint between the last
-    score predicted positive and the next one. Attributes with no known positive get +inf.
-    """
-    y, mask = _nan_to_mask(y.float())
-    thresholds = torch.full((logits.shape[1],), math.inf)
-    for a in range(logits.shape[1]):
-        known = mask[:, a] > 0
-        s, t = logits[known, a].float(), y[known, a]
-        positives = t.sum()
-        if positives <= 0 or s.numel() == 0:
-            continue
-        s, order = s.sort(descending=True)
-        tp = t[order].cumsum(0)
-        predicted = torch.arange(1, s.numel() + 1, dtype=tp.dtype)
-        f1 = 2 * tp / (predicted + positives)
-        distinct = torch.ones_like(s, dtype=torch.bool)
-        distinct[:-1] = s[:-1] > s[1:]  # a cut after position k must separate distinct scores
-        f1 = torch.where(distinct, f1, torch.full_like(f1, -1.0))
-        k = int(f1.argmax())
-        thresholds[a] = float((s[k] + s[k + 1]) / 2) if k + 1 < s.numel() else float(s[k]) - 1.0
-    return thresholds
-
-
-@dataclass
-class LinearProbe:
-    """A fitted multi-label logistic probe: standardiser, weights, per-attribute thresholds."""
-
-    standardizer: Standardizer
-    weight: Tensor  # [D, A]
-    bias: Tensor  # [A]
-    thresholds: Tensor  # [A], on logits
-    l2: list[float]  # the L2 weight selected for each attribute
-    names: list[str]
-    groups: dict[str, list[int]] | None = None  # factor -> attribute columns of its one-hot group
-    val_losses: dict[float, Tensor] = field(default_factory=dict)  # per L2 tried: validation log-loss [A]
-    iterations: dict[float, int] = field(default_factory=dict)  # per L2 tried: L-BFGS iterations
-
-    @torch.no_grad()
-    def logits(self, x: Tensor, chunk: int = 8192) -> Tensor:
-        w, b = self.weight.to(x.device), self.bias.to(x.device)
-        return torch.cat([self.standardizer(x[i:i + chunk].float()) @ w + b for i in range(0, len(x), chunk)])
-
-    def predict(self, x: Tensor) -> Tensor:
-        """0/1 predictions [N, A] with the validation-chosen thresholds."""
-        return (self.logits(x) > self.thresholds.to(x.device)).float()
-
-
-def _check_xy(x: Tensor, y: Tensor, what: str) -> None:
-    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise UserError(
-            f"{what}: expected features [N, D] and labels [N, A], got {tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    if x.shape[0] == 0:
-        raise UserError(f"{what}: no images")
-
-
-def fit_linear_probe(
-    train_x: Tensor,
-    train_y: Tensor,
-    val_x: Tensor | None = None,
-    val_y: Tensor | None = None,
-    *,
-    l2_grid: Sequence[float] = DEFAULT_L2_GRID,  # L2 weights to try; chosen per attribute on validation log-loss
-    max_iter: int = 300,  # L-BFGS iterations per L2 value
-    check_every: int = 10,  # iterations between early-stopping checks
-    patience: int = 3,  # checks without validation improvement before stopping
-    early_stopping: bool = True,  # False: run every fit to convergence (or max_iter)
-    val_fraction: float = 0.1,  # carved from train when no validation split is given
-    seed: int = 0,  # the carve
-    names: Sequence[str] | None = None,  # attribute names (default a0, a1, ...)
-    groups: Mapping[str, Sequence[int]] | None = None,  # one-hot factor groups, for per-factor accuracy
-    device: str | torch.device | None = None,  # where to fit (default: the features' device)
-    standardize: bool = True,  # z-score with train statistics (False: features already on a common scale)
-    progress: bool = True,
-) -> LinearProbe:
-    """Fit one logistic regression per attribute on standardised features (see the module docstring)."""
-    _check_xy(train_x, train_y, "train")
-    if (val_x is None) != (val_y is None):
-        raise ValueError("give both val_x and val_y, or neither")
-    if val_x is None:
-        tr, va = carve_validation(train_x.shape[0], val_fraction, seed)
-        train_x, train_y, val_x, val_y = train_x[tr], train_y[tr], train_x[va], train_y[va]
-    assert val_x is not None and val_y is not None
-    _check_xy(val_x, val_y, "validation")
-    if not l2_grid or any(v < 0 for v in l2_grid):
-        raise UserError(f"l2_grid must be a non-empty list of values >= 0, got {list(l2_grid)}")
-    device = torch.device(device) if device is not None else train_x.device
-    if standardize:
-        standardizer = Standardizer.fit(train_x)
-    else:
-        standardizer = Standardizer(torch.zeros(train_x.shape[1]), torch.ones(train_x.shape[1]))
-    xt, xv = standardizer.copy_to(train_x, device), standardizer.copy_to(val_x, device)
-    yt, mt = (t.to(device) for t in _nan_to_mask(train_y.float()))
-    yv, mv = (t.to(device) for t in _nan_to_mask(val_y.float()))
-    counts = mt.sum(0)
-    observed = counts > 0
-    if not bool(observed.any()):
-        raise UserError("every training label is unknown (NaN): nothing to fit")
-    n_attr = train_y.shape[1]
-    prevalence = ((yt * mt).sum(0) / counts.clamp_min(1)).clamp(1e-4, 1 - 1e-4)
-    w = torch.zeros(xt.shape[1], n_attr, device=device, requires_grad=True)
-    b = torch.logit(prevalence).detach().clone().requires_grad_(True)
-    val_known = mv.sum(0) > 0
-
-    def val_loss() -> Tensor:
-        """Per attribute: validation log-loss (the training log-loss for attributes without validation labels)."""
-        with torch.no_grad():
-            val = _masked_bce(xv @ w + b, yv, mv)
-            return torch.where(val_known, val, _masked_bce(xt @ w + b, yt, mt).nan_to_num(0.0))
-
-    results: dict[float, tuple[Tensor, int, Tensor, Tensor]] = {}
-    grid = sorted(set(float(v) for v in l2_grid), reverse=True)  # warm start from strong to weak L2
-    for l2 in tqdm(grid, desc="probe L2 grid", leave=False, disable=not (progress and bars_enabled())):
-
-        def objective(l2: float = l2) -> Tensor:
-            per_attr = _masked_bce(xt @ w + b, yt, mt)[observed]
-            return per_attr.mean() + 0.5 * l2 * (w * w).sum() / n_attr
-
-        best, its = fit_with_lbfgs(
-            [w, b], objective, val_loss if early_stopping else None, per_column=True,
-            max_iter=max_iter, check_every=check_every, patience=patience,
-        )
-        best = val_loss().double().cpu()  # equals the early-stopping best (restored parameters)
-        results[l2] = (best, its, w.detach().clone(), b.detach().clone())
-        log.debug("probe l2=%g: mean val log-loss %.5f after %d iterations", l2, float(best.mean()), its)
-    # each attribute takes the L2 value with its lowest validation loss (ties: the stronger L2)
-    losses = torch.stack([results[l2][0] for l2 in grid])  # [L, A], grid sorted strong -> weak
-    pick = losses.argmin(0)
-    pick_d, cols = pick.to(device), torch.arange(n_attr, device=device)
-    w_best = torch.stack([results[l2][2] for l2 in grid])[pick_d, :, cols].T.contiguous()
-    b_best = torch.stack([results[l2][3] for l2 in grid])[pick_d, cols]
-    chosen = [grid[int(i)] for i in pick]
-    thresholds = best_f1_thresholds((xv @ w_best + b_best).cpu(), val_y.float().cpu())
-    name_list = list(names) if names is not None else [f"a{i}" for i in range(n_attr)]
-    if len(name_list) != n_attr:
-        raise UserError(f"{len(name_list)} attribute names for {n_attr} label columns")
-    return LinearProbe(
-        standardizer, w_best.cpu(), b_best.cpu(), thresholds, chosen, name_list,
-        {k: list(v) for k, v in groups.items()} if groups else None,
-        {k: v[0] for k, v in results.items()}, {k: v[1] for k, v in results.items()},
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,7 +82,7 @@ def fit_linear_probe(
 
 def f1_scores(pred: Tensor, y: Tensor) -> tuple[Tensor, float]:
     """Per-attribute F1 [A] (NaN where no known positive is predicted or present) and micro F1."""
-    y, mask = _nan_to_mask(y.float())
+    y, mask = nan_to_mask(y.float())
     pred = pred.float() * mask
     tp = (pred * y).sum(0)
     fp = (pred * (1 - y) * mask).sum(0)
@@ -637,7 +108,7 @@ def top_k_recall(scores: Tensor, y: Tensor, k: int, best: int = 50) -> float:
     the ``best`` highest ``recall_a`` (mmfashion: 50 of DeepFashion's 1,000 attributes), or of all of
     them when ``best`` is 0 or exceeds their number. Unknown (NaN) labels count as not positive.
     """
-    y, _ = _nan_to_mask(y.float())
+    y, _ = nan_to_mask(y.float())
     positives = y.sum(0)
     has = positives > 0
     if not bool(has.any()):
@@ -654,7 +125,7 @@ def top_k_recall_per_image(scores: Tensor, y: Tensor, k: int) -> float:
     Not DeepFashion's protocol (:func:`top_k_recall` counts per attribute); unknown (NaN) labels count
     as not positive.
     """
-    y, _ = _nan_to_mask(y.float())
+    y, _ = nan_to_mask(y.float())
     positives = y.sum(1)
     has = positives > 0
     hits = (_in_top_k(scores, k) * y).sum(1)
@@ -680,7 +151,7 @@ def evaluate_probe(probe: LinearProbe, x: Tensor, y: Tensor, ks: Sequence[int] =
                    recall_best: int = 50) -> dict[str, Any]:
     """Micro/macro/per-attribute F1, top-k recall (over the ``recall_best`` best attributes, and per
     image) and (with factor groups) per-factor accuracy on (x, y)."""
-    _check_xy(x, y, "evaluation")
+    check_xy(x, y, "evaluation")
     logits = probe.logits(x).cpu()
     y = y.float().cpu()
     per_attr, micro = f1_scores((logits > probe.thresholds).float(), y)
@@ -703,7 +174,7 @@ def evaluate_probe(probe: LinearProbe, x: Tensor, y: Tensor, ks: Sequence[int] =
 
 def chance_macro_f1(y: Tensor) -> float:
     """Macro F1 of the best label-blind rule (predict every image positive): mean of 2p / (1 + p)."""
-    y, mask = _nan_to_mask(y.float())
+    y, mask = nan_to_mask(y.float())
     p = (y * mask).sum(0) / mask.sum(0).clamp_min(1)
     keep = p > 0
     return float((2 * p[keep] / (1 + p[keep])).mean())
@@ -749,7 +220,7 @@ def parse_reference(text: str) -> RowSpec:
 
 def _build_encoder(row: RowSpec, cfg: ProbeConfig, device: torch.device) -> FeatureEncoder:
     if row.kind == "vae":
-        from sendvae.models.vae import load_vae
+        from sendvae.models.vae_formats import load_vae
 
         vae = load_vae(row.source).to(device).eval()
         return VAEEncoder(vae, cfg.use_mean, cfg.seed)

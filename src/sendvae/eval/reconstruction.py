@@ -217,7 +217,7 @@ def evaluate_vae(
     from sendvae.hardware import resolve_device
     from sendvae.eval.inception import InceptionFeatures
     from sendvae.losses import PerceptualLoss
-    from sendvae.models.vae import load_vae
+    from sendvae.models.vae_formats import load_vae
 
     if posterior not in ("sample", "mean"):
         raise UserError(f"--posterior {posterior}: use sample (the published rFID protocol) or mean")

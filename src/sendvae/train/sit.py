@@ -210,7 +210,8 @@ def _teacher_for(cfg: TrainSiTConfig, cache: CacheInfo, grid: int
 
 def build_sit_stage(cfg: TrainSiTConfig) -> tuple[SiTStage, LatentDataset]:
     """The stage and its dataset from a config (checks the cache against the VAE)."""
-    from sendvae.models.vae import load_vae, vae_fingerprint
+    from sendvae.models.vae import vae_fingerprint
+    from sendvae.models.vae_formats import load_vae
 
     if not cfg.data.cache:
         raise ConfigError("data.cache: the latent cache folder is required (written by `sendvae cache-latents`)")

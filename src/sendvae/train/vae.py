@@ -17,7 +17,7 @@ Per micro-batch of images x (uint8 -> [-1, 1], DESIGN.md section 2):
 The loop runs two phases per step: ``vae`` (VAE + alignment head, AdamW) and, once ``loss.gan_start``
 images have been seen, ``disc`` (hinge loss on real x and the detached reconstruction of the same
 micro-batch, its own AdamW). The VAE is published as ``RUN/vae`` (EMA weights when EMA is on, with
-freshly computed latent statistics) by :func:`sendvae.models.vae.save_vae`; the mapper and the
+freshly computed latent statistics) by :func:`sendvae.models.vae_formats.save_vae`; the mapper and the
 discriminator stay in the training checkpoints only.
 """
 
@@ -46,15 +46,9 @@ from sendvae.losses import (
 )
 from sendvae.models.discriminator import PatchDiscriminator, load_discriminator
 from sendvae.models.teachers import Teacher, build_teacher
-from sendvae.models.vae import (
-    VAE,
-    VAE_PRESETS,
-    build_vae,
-    compute_latent_stats,
-    load_latent_stats,
-    load_vae,
-    save_vae,
-)
+from sendvae.models.latent_stats import compute_latent_stats
+from sendvae.models.vae import VAE, VAE_PRESETS, build_vae
+from sendvae.models.vae_formats import load_latent_stats, load_vae, save_vae
 from sendvae.hardware import resolve_precision
 from sendvae.pixels import to_model
 from sendvae import distributed as dist_utils
@@ -210,7 +204,7 @@ class VAEStage:
 def latent_stats(vae: VAE, data: torch.utils.data.Dataset, cfg: TrainVAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel latent mean/std on ``model.stats_images`` training images drawn at random (seeded by
     ``train.seed``) from the whole dataset, of the posterior samples that stage 2 trains on
-    (:func:`sendvae.models.vae.compute_latent_stats`)."""
+    (:func:`sendvae.models.latent_stats.compute_latent_stats`)."""
     bf16 = resolve_precision(cfg.train.precision, next(vae.parameters()).device).precision == "bf16"
     return compute_latent_stats(vae, data, cfg.model.stats_images, batch_size=min(64, cfg.model.stats_images),
                                 autocast_bf16=bf16, subset_seed=cfg.train.seed)
@@ -301,7 +295,7 @@ def teacher_token_cache(cfg: TrainVAEConfig, teacher: Teacher, dataset: torch.ut
                         device: torch.device | str) -> TokenCache:
     """The ``teacher.cache`` of this teacher (its weights' fingerprint, grid, resize and the precision it
     runs at on ``device``) on this dataset."""
-    from sendvae.eval.probe import module_fingerprint
+    from sendvae.eval.probe_features import module_fingerprint
 
     key = {"teacher": teacher.name, "weights": module_fingerprint(teacher), "grid": teacher.grid,
            "antialias": cfg.teacher.antialias, "precision": resolve_precision(cfg.train.precision, device).precision,
@@ -314,7 +308,7 @@ def teacher_token_cache(cfg: TrainVAEConfig, teacher: Teacher, dataset: torch.ut
 def train_vae(cfg: TrainVAEConfig, out: str | Path) -> dict[str, Any]:
     """Train stage 1 into run directory ``out`` (resuming from its checkpoints); returns the loop's summary.
 
-    The published VAE is ``out/vae`` (load it with :func:`sendvae.models.vae.load_vae`).
+    The published VAE is ``out/vae`` (load it with :func:`sendvae.models.vae_formats.load_vae`).
     """
     dinfo = dist_utils.init_distributed(cfg.train.device)
     try:
