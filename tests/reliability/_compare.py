@@ -98,9 +98,10 @@ def assert_same_cache(reference: Path, cache: Path) -> None:
 
 
 def assert_same_samples(reference: Path, samples: Path) -> None:
-    """Same ``arr_0`` / ``arr_1`` in the npz and the same settings file; no parts folder left."""
+    """Same ``arr_0`` / ``arr_1`` (and sampling ``metadata``) in the npz and the same settings file; no parts
+    folder left."""
     with np.load(reference) as a, np.load(samples) as b:
-        assert sorted(a.files) == sorted(b.files) == ["arr_0", "arr_1"]
+        assert sorted(a.files) == sorted(b.files) == ["arr_0", "arr_1", "metadata"]
         for key in a.files:
             assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), f"{samples}: {key} differs"
     meta = lambda p: json.loads(p.with_suffix(".json").read_text())  # noqa: E731
