@@ -24,7 +24,9 @@ from torch import nn
 
 from sendvae.errors import UserError
 from sendvae.train.checkpoint import list_checkpoints, load_checkpoint, load_latest
-from sendvae.train.loop import InfiniteSampler, LoopConfig, NonFiniteError, Phase, Stage, StepContext, train
+from sendvae.train.data_order import InfiniteSampler
+from sendvae.train.loop import LoopConfig, NonFiniteError, train
+from sendvae.train.stage import Phase, Stage, StepContext
 
 TESTS = Path(__file__).resolve().parent
 

@@ -21,7 +21,7 @@ from sendvae.models.sit_formats import load_sit, load_sit_run
 from sendvae.models.latent_stats import compute_latent_stats
 from sendvae.models.vae import build_vae
 from sendvae.models.vae_formats import save_vae
-from sendvae.train.loop import StepContext
+from sendvae.train.stage import StepContext
 from sendvae.train.sit import TrainSiTConfig, build_sit_stage, train_sit
 from sendvae.transport import interpolate, velocity_target
 

@@ -26,7 +26,7 @@ import torch
 
 from sendvae.data.latents import LatentDataset
 from sendvae.train.checkpoint import list_checkpoints, load_checkpoint, load_latest
-from sendvae.train.loop import InfiniteSampler
+from sendvae.train.data_order import InfiniteSampler
 from sendvae.train.sit import SiTStage
 from sendvae.train.vae import VAEStage
 
@@ -169,7 +169,7 @@ def test_disk_full_while_publishing_the_vae_keeps_the_previous_one(vae_reference
     """RUN/vae is replaced as a whole: a failed export leaves the one published at the previous checkpoint."""
     from safetensors.torch import load_file
 
-    import sendvae.models.vae as vae_module
+    import sendvae.models.vae_formats as vae_module
 
     original = vae_module.save_vae
     calls = [0]

@@ -26,63 +26,38 @@ trains have ``requires_grad`` during that phase, so e.g. the generator loss of t
 sends gradients through the discriminator into the decoder without touching the discriminator's
 own gradients.
 
-Writing a stage::
-
-    class ToyStage:
-        def __init__(self):
-            self.net = nn.Linear(4, 1)
-            self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3)
-
-        def modules(self):            # everything whose state goes into the checkpoint
-            return {"net": self.net}
-
-        def ema_modules(self):         # modules that get an EMA copy
-            return ["net"]
-
-        def phases(self):
-            return [Phase("fit", self.opt, ("net",), self.loss)]
-
-        def loss(self, batch, ctx):    # one micro-batch -> (scalar loss, logs)
-            pred = ctx.module("net")(batch["x"])
-            loss = (pred.float() - batch["y"]).square().mean()
-            return loss, {"mse": loss.detach()}
-
-    summary = train(ToyStage(), dataset, LoopConfig(total_images=1024, batch_size=32), "runs/toy")
+A stage plugs in through the contract of :mod:`sendvae.train.stage` (``Stage``, ``Phase``,
+``StepContext``); the data order is :mod:`sendvae.train.data_order`, the run directory's files
+:mod:`sendvae.train.run_dir`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import platform
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from sendvae import __version__
-from sendvae.config import ConfigError, save_config, to_dict
+from sendvae.config import ConfigError
 from sendvae.errors import UserError
-from sendvae.hardware import PrecisionChoice, autocast, describe_cpu, resolve_precision
-from sendvae.locking import PidLock
+from sendvae.hardware import resolve_precision
 from sendvae.progress import bars_enabled
 from sendvae import distributed as dist_utils
+from sendvae.train.data_order import micro_batches, seed_for, to_device
 from sendvae.train.loop_config import LoopConfig
+from sendvae.train.run_dir import Metrics, RunLock, environment_info, write_run_files
+from sendvae.train.stage import LossFn, Logs, Phase, Stage, StepContext
 from sendvae.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -94,158 +69,13 @@ from sendvae.train.checkpoint import (
 
 log = logging.getLogger(__name__)
 
-Logs = dict[str, "torch.Tensor | float"]
-LossFn = Callable[[Any, "StepContext"], "tuple[torch.Tensor, Logs]"]
-
 
 class NonFiniteError(UserError):
     """Training stopped: too many steps in a row had a non-finite loss or gradient."""
 
 
-@dataclass
-class Phase:
-    """One optimisation phase of a step: an optimiser, the modules it trains and its loss.
-
-    ``loss(micro_batch, ctx)`` returns a scalar loss (a mean over the micro-batch, fp32) and a dict
-    of detached scalars to log; the loop averages the logs over micro-batches, processes and the
-    logging window, and prefixes them with ``"{name}/"``. The phase runs only once
-    ``images_seen >= start_images`` (e.g. the discriminator after ``gan_start``).
-    """
-
-    name: str  # Prefix of its logs and name of its optimiser state in checkpoints.
-    optimizer: torch.optim.Optimizer  # Steps the parameters of the modules in `trains`.
-    trains: tuple[str, ...]  # Names (keys of Stage.modules()) of the modules this phase trains.
-    loss: LossFn  # (micro_batch, ctx) -> (scalar loss, logs).
-    start_images: int = 0  # Skip this phase until this many images have been seen.
-    grad_clip: float | None = None  # Clip norm for this phase; None = LoopConfig.grad_clip.
-    find_unused_parameters: bool = False  # DDP: set when some trained parameters may get no gradient.
-
-
-@runtime_checkable
-class Stage(Protocol):
-    """What a training stage gives the loop.
-
-    Required: ``modules()``, ``phases()``, ``ema_modules()``. Optional methods, used when present:
-
-    - ``frozen_modules() -> dict[str, nn.Module]``: modules moved to the device and kept in eval
-      mode with no gradients, not checkpointed (teachers, LPIPS).
-    - ``prepare_batch(batch, ctx) -> Any``: turn a collated micro-batch (already on the device) into
-      what the phases' losses take; called once per micro-batch per step.
-    - ``export(run_dir, modules)``: called on rank 0 after each checkpoint and at the end with the
-      modules to publish (the EMA copy where EMA is on, else the raw module), e.g. to write
-      ``RUN/vae``.
-    """
-
-    def modules(self) -> dict[str, nn.Module]:
-        """Every module whose state goes into the checkpoint (trained or not), by name."""
-        ...
-
-    def phases(self) -> list[Phase]:
-        """The optimisation phases of one step, in the order they run. Called once at start."""
-        ...
-
-    def ema_modules(self) -> list[str]:
-        """Names of the modules that get an EMA copy (ignored when ``LoopConfig.ema`` is off)."""
-        ...
-
-
-@dataclass
-class StepContext:
-    """What a phase's loss sees about the current step.
-
-    ``generator`` is a torch.Generator on ``device`` seeded from ``(seed, rank, images_seen)`` at
-    the start of every step (the global torch RNG is seeded the same way), so every random draw is
-    reproducible and resume is exact. ``scratch`` is a dict private to the current micro-batch and
-    shared by the phases of the step (stage 1 leaves its reconstruction there for the
-    discriminator phase).
-    """
-
-    device: torch.device
-    rank: int
-    world: int
-    images_seen: int  # Images seen by all processes before this step.
-    step: int  # Optimiser steps done before this step.
-    generator: torch.Generator
-    precision: str  # "fp32" or "bf16" (resolved: never "auto").
-    micro_index: int = 0  # Index of the current micro-batch within the step.
-    scratch: dict[str, Any] = field(default_factory=dict)
-    _modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
-
-    def module(self, name: str) -> nn.Module:
-        """The module ``name`` of the stage (from ``modules()`` or ``frozen_modules()``), on the device.
-
-        Inside a phase that trains it, calls to it (any method, not only ``forward``) take part in
-        that phase's DDP gradient synchronisation: the loop runs the whole loss inside one
-        DistributedDataParallel wrapper around the phase's trained modules."""
-        try:
-            return self._modules[name]
-        except KeyError:
-            raise KeyError(f"no module {name!r}; the stage has {sorted(self._modules)}") from None
-
-    def autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager:
-        """bf16 autocast on this device when ``precision == "bf16"`` and ``enabled``; use
-        ``ctx.autocast(False)`` around a part that must run in fp32 (losses already run inside
-        the autocast region, so cast their inputs with ``.float()``)."""
-        return autocast(self.precision if enabled else "fp32", self.device)
-
-
-
 # ----------------------------------------------------------------------------------------------
-# Seeds and data order
-
-
-def seed_for(*values: int) -> int:
-    """A 63-bit seed mixed from integers (e.g. ``(seed, rank, images_seen)``), stable across platforms."""
-    words = np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-class InfiniteSampler(torch.utils.data.Sampler):
-    """Dataset indices forever, in a fresh permutation per epoch, shared out between processes.
-
-    The global stream is ``perm_e[p % n]`` for positions ``p = 0, 1, 2, ...`` with ``e = p // n`` and
-    ``perm_e`` a permutation drawn from ``(seed, e)``. Rank ``r`` of ``world`` takes positions
-    ``start + r, start + r + world, ...``: with ``start`` = images seen, a resumed run continues
-    exactly where it stopped, whatever the number of processes.
-    """
-
-    def __init__(self, size: int, *, rank: int = 0, world: int = 1, seed: int = 0, start: int = 0) -> None:
-        if size < 1:
-            raise UserError("the training dataset is empty")
-        self.size, self.rank, self.world, self.seed, self.start = size, rank, world, seed, start
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
-
-    def __iter__(self):
-        position = self.start + self.rank
-        epoch, order = -1, None
-        while True:
-            if position // self.size != epoch:
-                epoch = position // self.size
-                order = self.permutation(epoch)
-            yield int(order[position % self.size])
-            position += self.world
-
-
-def _ignore_signals_in_worker(_worker_id: int) -> None:
-    """Data workers leave SIGINT / SIGTERM to the training process, which checkpoints and stops them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, dict):
-        return {key: _to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(value, device) for value in batch)
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------
-# EMA, phases under DDP, signals, the run directory
+# EMA, phases under DDP, signals
 
 
 class EMA:
@@ -320,167 +150,9 @@ class _StopRequest:
         self._previous.clear()
 
 
-class RunLock(PidLock):
-    """``RUN/.lock`` holding the owner's pid and host; refuses a run directory a live process uses."""
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__(run_dir / ".lock", f"run directory {run_dir}")
-
-
-def _git_version() -> dict[str, Any] | None:
-    """The git commit (and whether the tree is dirty) of the source tree this package runs from."""
-    source = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit, "dirty": bool(status.strip())}
-
-
-def environment_info(world: int, device: torch.device, precision: PrecisionChoice | None = None) -> dict[str, Any]:
-    """Code version and environment of this run (written to ``environment.json``), with the CPU flags and
-    the precision decision."""
-    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-               if device.type == "cuda" else [platform.processor() or platform.machine()])
-    return {
-        "sendvae": __version__,
-        "git": _git_version(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": str(device),
-        "devices": devices,
-        "world_size": world,
-        "threads": torch.get_num_threads(),
-        **describe_cpu(),
-        **({"precision": precision.precision, "precision_requested": precision.requested,
-            "precision_reason": precision.reason} if precision is not None else {}),
-        "host": socket.gethostname(),
-        "argv": sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): data}
-
-
-def _write_config(run_dir: Path, run_config: Any) -> None:
-    """Write ``config.yaml``; on resume, warn about every key that differs from the previous run's."""
-    path = run_dir / "config.yaml"
-    new = to_dict(run_config)
-    if path.is_file():
-        try:
-            old = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
-            old = {}
-        before, after = _flatten(old), _flatten(new)
-        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-        if changed:
-            log.warning("resuming with a changed config: %s",
-                        ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed))
-    save_config(run_config, path)
-
-
-def _trim_metrics(path: Path, images_seen: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("images", 0) <= images_seen:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(f"{line}\n" for line in kept))
-
-
-class _Metrics:
-    """Averages logged scalars over a window, across processes, and writes them (rank 0)."""
-
-    def __init__(self, run_dir: Path, is_main: bool, device: torch.device) -> None:
-        self.is_main, self.device = is_main, device
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.path = run_dir / "metrics.jsonl"
-        self.board = None
-        if is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                log.debug("tensorboard is not installed; metrics go to %s only", self.path)
-            else:
-                self.board = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def add(self, name: str, value: torch.Tensor | float) -> None:
-        value = value.detach().float().reshape(()) if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-        value = value.to(self.device)
-        self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.counts[name] = self.counts.get(name, 0) + 1
-
-    def flush(self, record: dict[str, Any]) -> dict[str, Any]:
-        names = sorted(self.sums)
-        if names:
-            means = torch.stack([self.sums[n] / self.counts[n] for n in names])
-            world = dist_utils.all_reduce_sum(torch.ones((), device=self.device))
-            means = dist_utils.all_reduce_sum(means) / world
-            record.update({n: float(v) for n, v in zip(names, means.tolist(), strict=True)})
-        self.sums.clear()
-        self.counts.clear()
-        if self.is_main:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            if self.board is not None:
-                for key, value in record.items():
-                    if key != "images" and isinstance(value, (int, float)):
-                        self.board.add_scalar(key, value, record["images"])
-        return record
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop
-
-
-def _trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def _grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
-    """The global gradient norm; gradients are scaled down to ``clip`` when it is > 0."""
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(grads, clip)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in grads]))
-
-
-def _accumulation(cfg: LoopConfig, world: int) -> tuple[int, int]:
-    """(micro-batch per process, micro-batches per step) from the global batch size."""
-    micro = cfg.micro_batch or cfg.batch_size // world
-    if micro < 1 or cfg.batch_size % (world * micro):
-        raise ConfigError(
-            f"train.batch_size={cfg.batch_size} is not a multiple of world size {world} x "
-            f"train.micro_batch={cfg.micro_batch or micro}"
-        )
-    return micro, cfg.batch_size // (world * micro)
-
-
-def _crossed(before: int, after: int, every: int) -> bool:
-    return after // every > before // every
+# ----------------------------------------------------------------------------------------------
 
 
 def train(
@@ -525,6 +197,189 @@ def train(
         dist_utils.shutdown(dinfo)
 
 
+def _run(stage: Stage, dataset: torch.utils.data.Dataset, cfg: LoopConfig, run_dir: Path, run_config: Any,
+         collate_fn: Callable | None, dinfo: dist_utils.DistInfo, stop: _StopRequest) -> dict[str, Any]:
+    """The loop itself, inside the process group, run lock and signal handlers that :func:`train` set up:
+    start (modules, resume, run files, DDP runners, data), then steps until ``total_images``, logging and
+    checkpointing as it goes."""
+    device, world = dinfo.device, dinfo.world
+    micro, accumulation = _accumulation(cfg, world)
+    precision = resolve_precision(cfg.precision, device)
+    if dinfo.is_main:
+        log.info("%s", precision)
+    parts = _place(stage, cfg, device)
+    progress, resumed_from = _resume(run_dir / "checkpoints", parts, cfg, dinfo)
+    if dinfo.is_main:
+        write_run_files(run_dir, run_config, environment_info(world, device, precision), progress.images_seen)
+    dist_utils.barrier()
+    runners = _phase_runners(parts, world, device)
+    batches = micro_batches(dataset, micro, rank=dinfo.rank, world=world, seed=cfg.seed, start=progress.images_seen,
+                            num_workers=cfg.num_workers, collate_fn=collate_fn, device=device)
+
+    metrics = Metrics(run_dir, dinfo.is_main, device)
+    bar = tqdm(total=cfg.total_images, initial=progress.images_seen, unit="img", unit_scale=True,
+               dynamic_ncols=True, disable=not bars_enabled(dinfo.is_main), desc="train")
+    clock = _Clock(progress)
+    checkpoints = _Checkpointer(stage, run_dir, parts, cfg, dinfo, clock, resumed_from)
+    prepare = getattr(stage, "prepare_batch", None)
+    start_images, status, last_logs = progress.images_seen, "finished", {}
+    try:
+        while progress.images_seen < cfg.total_images:
+            if _stop_requested(stop, world, device):
+                status = "interrupted"
+                break
+            ctx = _step_context(cfg, dinfo, progress, precision.precision, parts)
+            step_batches, scratches = _next_step_batches(batches, accumulation, ctx, prepare)
+            skipped = _optimise(parts, runners, step_batches, scratches, ctx, cfg, metrics)
+            if parts.ema.copies:
+                parts.ema.update(parts.modules, _ema_decay(cfg, progress.step))
+            before = progress.count_step(cfg.batch_size, skipped)
+            bar.update(cfg.batch_size)
+            _check_nonfinite(progress, cfg, checkpoints.last)
+            if _crossed(before, progress.images_seen, cfg.log_every) or progress.images_seen >= cfg.total_images:
+                last_logs = _log(metrics, progress, clock, bar)
+            if _crossed(before, progress.images_seen, cfg.checkpoint_every) and progress.images_seen < cfg.total_images:
+                checkpoints.save(progress)
+        checkpoints.finish(progress, start_images)
+    finally:
+        bar.close()
+        metrics.close()
+        del batches
+
+    seconds = time.time() - clock.start
+    if status == "interrupted":
+        log.info("stopped by signal at %d images; checkpoint %s (run again to resume)", progress.images_seen,
+                 checkpoints.last)
+    return {
+        "status": status,
+        "images_seen": progress.images_seen,
+        "steps": progress.step,
+        "nonfinite_skipped": progress.nonfinite_total,
+        "checkpoint": str(checkpoints.root / checkpoint_name(progress.images_seen)),
+        "seconds": seconds,
+        "images_per_s": (progress.images_seen - start_images) / max(seconds, 1e-9),
+        "logs": last_logs,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# State of a run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Parts:
+    """The stage's modules on the device: trained and frozen ones, each module's trainable parameters,
+    the phases and the EMA copies."""
+
+    modules: dict[str, nn.Module]
+    frozen: dict[str, nn.Module]
+    trainable: dict[str, list[nn.Parameter]]
+    phases: list[Phase]
+    ema: EMA
+
+
+@dataclass
+class _Progress:
+    """The counters a checkpoint stores; ``images_seen`` is also the data position."""
+
+    images_seen: int = 0
+    step: int = 0
+    nonfinite_run: int = 0  # steps in a row that skipped an update
+    nonfinite_total: int = 0
+    seconds_before: float = 0.0  # training time of the runs this one resumes
+
+    def count_step(self, batch_size: int, skipped: bool) -> int:
+        """Advance by one step of ``batch_size`` images; returns the images seen before it."""
+        self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
+        self.nonfinite_total += int(skipped)
+        before = self.images_seen
+        self.images_seen, self.step = self.images_seen + batch_size, self.step + 1
+        return before
+
+
+class _Clock:
+    """This run's wall-clock time (plus the resumed runs' time) and the logging window's images/s."""
+
+    def __init__(self, progress: _Progress) -> None:
+        self.start = self.window_start = time.time()
+        self.seconds_before = progress.seconds_before
+        self.window_images = progress.images_seen
+
+    def seconds(self, now: float | None = None) -> float:
+        """Training time of the whole run so far, resumed runs included."""
+        return self.seconds_before + (time.time() if now is None else now) - self.start
+
+    def close_window(self, images_seen: int) -> tuple[float, float]:
+        """(images/s since the last window closed, the run's seconds); starts the next window."""
+        now = time.time()
+        rate = (images_seen - self.window_images) / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_images = now, images_seen
+        return rate, self.seconds(now)
+
+
+# ----------------------------------------------------------------------------------------------
+# Start: modules, resume, DDP runners
+# ----------------------------------------------------------------------------------------------
+
+
+def _place(stage: Stage, cfg: LoopConfig, device: torch.device) -> _Parts:
+    """Modules on the device in train mode, frozen helpers in eval mode without gradients, phases checked."""
+    modules = stage.modules()
+    for module in modules.values():
+        module.to(device).train()
+    frozen_getter = getattr(stage, "frozen_modules", None)
+    frozen = dict(frozen_getter()) if frozen_getter else {}
+    for module in frozen.values():
+        module.to(device).eval().requires_grad_(False)
+    trainable = {name: _trainable(module) for name, module in modules.items()}
+    phases = stage.phases()
+    for phase in phases:
+        unknown = [name for name in phase.trains if name not in modules]
+        if unknown:
+            raise ValueError(f"phase {phase.name!r} trains {unknown}, which the stage's modules() lacks")
+    ema_names = list(stage.ema_modules()) if cfg.ema else []
+    return _Parts(modules, frozen, trainable, phases, EMA({name: modules[name] for name in ema_names}))
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _accumulation(cfg: LoopConfig, world: int) -> tuple[int, int]:
+    """(micro-batch per process, micro-batches per step) from the global batch size."""
+    micro = cfg.micro_batch or cfg.batch_size // world
+    if micro < 1 or cfg.batch_size % (world * micro):
+        raise ConfigError(
+            f"train.batch_size={cfg.batch_size} is not a multiple of world size {world} x "
+            f"train.micro_batch={cfg.micro_batch or micro}"
+        )
+    return micro, cfg.batch_size // (world * micro)
+
+
+def _resume(ckpt_root: Path, parts: _Parts, cfg: LoopConfig, dinfo: dist_utils.DistInfo
+            ) -> tuple[_Progress, Path | None]:
+    """Restore weights, EMA, optimisers and counters from the latest valid checkpoint (rank 0 picks and
+    verifies it); returns the counters and the checkpoint's path, or fresh counters and None."""
+    resume_name = None
+    if dinfo.is_main:
+        found = load_latest(ckpt_root)
+        resume_name = found.path.name if found is not None else None
+    resume_name = dist_utils.broadcast_object(resume_name)
+    if resume_name is None:
+        return _Progress(), None
+    checkpoint = load_checkpoint(ckpt_root / resume_name, verify=False)  # rank 0 verified it
+    _restore(checkpoint, parts.modules, parts.ema, parts.phases, dinfo.device)
+    state = checkpoint.state
+    if state.get("batch_size") != cfg.batch_size:
+        log.warning("resuming a run trained with batch_size %s at batch_size %d: the data order stays exact, "
+                    "the optimisation does not", state.get("batch_size"), cfg.batch_size)
+    progress = _Progress(state["images_seen"], state["step"], state["nonfinite_consecutive"],
+                         state["nonfinite_total"], state.get("seconds", 0.0))
+    log.info("resuming from %s (%d images seen, step %d)", checkpoint.path, progress.images_seen, progress.step)
+    return progress, ckpt_root / resume_name
+
+
 def _restore(checkpoint: Checkpoint, modules: dict[str, nn.Module], ema: EMA, phases: list[Phase],
              device: torch.device) -> None:
     """Load weights, EMA copies and optimiser states; a mismatch names the checkpoint and the module."""
@@ -554,213 +409,189 @@ def _mismatches(exc: RuntimeError, shown: int = 3) -> str:
     return "; ".join(lines[:shown]) + more
 
 
-def _run(stage: Stage, dataset: torch.utils.data.Dataset, cfg: LoopConfig, run_dir: Path, run_config: Any,
-         collate_fn: Callable | None, dinfo: dist_utils.DistInfo, stop: _StopRequest) -> dict[str, Any]:
-    device, rank, world = dinfo.device, dinfo.rank, dinfo.world
-    micro, accumulation = _accumulation(cfg, world)
-    precision = resolve_precision(cfg.precision, device)
-    if dinfo.is_main:
-        log.info("%s", precision)
-    ckpt_root = run_dir / "checkpoints"
-
-    # Modules on the device; frozen helpers in eval mode without gradients.
-    modules = stage.modules()
-    for module in modules.values():
-        module.to(device).train()
-    frozen_getter = getattr(stage, "frozen_modules", None)
-    frozen = dict(frozen_getter()) if frozen_getter else {}
-    for module in frozen.values():
-        module.to(device).eval().requires_grad_(False)
-    trainable = {name: _trainable(module) for name, module in modules.items()}
-    phases = stage.phases()
-    for phase in phases:
-        unknown = [name for name in phase.trains if name not in modules]
-        if unknown:
-            raise ValueError(f"phase {phase.name!r} trains {unknown}, which the stage's modules() lacks")
-    ema_names = list(stage.ema_modules()) if cfg.ema else []
-    ema = EMA({name: modules[name] for name in ema_names})
-
-    # Resume: weights, EMA, optimisers and counters (the data position is images_seen).
-    images_seen, step, nonfinite_run, nonfinite_total, seconds_before = 0, 0, 0, 0, 0.0
-    resume_name = None
-    if dinfo.is_main:
-        found = load_latest(ckpt_root)
-        resume_name = found.path.name if found is not None else None
-    resume_name = dist_utils.broadcast_object(resume_name)
-    if resume_name is not None:
-        checkpoint = load_checkpoint(ckpt_root / resume_name, verify=False)  # rank 0 verified it
-        _restore(checkpoint, modules, ema, phases, device)
-        state = checkpoint.state
-        if state.get("batch_size") != cfg.batch_size:
-            log.warning("resuming a run trained with batch_size %s at batch_size %d: the data order stays exact, "
-                        "the optimisation does not", state.get("batch_size"), cfg.batch_size)
-        images_seen, step = state["images_seen"], state["step"]
-        nonfinite_run, nonfinite_total = state["nonfinite_consecutive"], state["nonfinite_total"]
-        seconds_before = state.get("seconds", 0.0)
-        log.info("resuming from %s (%d images seen, step %d)", checkpoint.path, images_seen, step)
-
-    if dinfo.is_main:
-        _write_config(run_dir, run_config)
-        (run_dir / "environment.json").write_text(json.dumps(environment_info(world, device, precision), indent=2))
-        _trim_metrics(run_dir / "metrics.jsonl", images_seen)
-    dist_utils.barrier()
-
-    # One DDP wrapper per phase around the modules it trains.
+def _phase_runners(parts: _Parts, world: int, device: torch.device) -> dict[str, nn.Module]:
+    """One module per phase around the modules it trains, in a DDP wrapper when there are several processes."""
     runners: dict[str, nn.Module] = {}
-    for phase in phases:
-        runner: nn.Module = _PhaseRunner({n: modules[n] for n in phase.trains}, phase.loss)
+    for phase in parts.phases:
+        runner: nn.Module = _PhaseRunner({n: parts.modules[n] for n in phase.trains}, phase.loss)
         if world > 1:
             runner = DistributedDataParallel(
                 runner, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=phase.find_unused_parameters)
         runners[phase.name] = runner
+    return runners
 
-    # Data: an infinite loader starting at the current position.
-    torch.manual_seed(seed_for(cfg.seed, rank, images_seen, 1))  # the loader's worker seeds
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=micro, drop_last=True, num_workers=cfg.num_workers, collate_fn=collate_fn,
-        sampler=InfiniteSampler(len(dataset), rank=rank, world=world, seed=cfg.seed, start=images_seen),
-        pin_memory=device.type == "cuda", worker_init_fn=_ignore_signals_in_worker if cfg.num_workers else None,
-        persistent_workers=False)
-    batches = iter(loader)
 
-    metrics = _Metrics(run_dir, dinfo.is_main, device)
-    bar = tqdm(total=cfg.total_images, initial=images_seen, unit="img", unit_scale=True, dynamic_ncols=True,
-               disable=not bars_enabled(dinfo.is_main), desc="train")
-    last_checkpoint = ckpt_root / resume_name if resume_name else None
-    last_logs: dict[str, Any] = {}
-    start_time, window_time, window_images = time.time(), time.time(), images_seen
-    start_images = images_seen
-    prepare = getattr(stage, "prepare_batch", None)
-    status = "finished"
+# ----------------------------------------------------------------------------------------------
+# One step
+# ----------------------------------------------------------------------------------------------
 
-    def publish() -> None:  # rank 0: the stage writes its published model (RUN/vae, RUN/sit)
-        export = getattr(stage, "export", None)
+
+def _stop_requested(stop: _StopRequest, world: int, device: torch.device) -> bool:
+    """True when a signal asked to stop; a signal may reach only some processes, so they agree first."""
+    stopping = stop.signum is not None
+    if world > 1:
+        stopping = dist_utils.all_reduce_sum(torch.tensor(float(stopping), device=device)).item() > 0
+    return stopping
+
+
+def _step_context(cfg: LoopConfig, dinfo: dist_utils.DistInfo, progress: _Progress, precision: str,
+                  parts: _Parts) -> StepContext:
+    """The step's context, everything seeded from (seed, rank, images_seen): exact resume without RNG states."""
+    torch.manual_seed(seed_for(cfg.seed, dinfo.rank, progress.images_seen))
+    generator = torch.Generator(device=dinfo.device)
+    generator.manual_seed(seed_for(cfg.seed, dinfo.rank, progress.images_seen, 2))
+    return StepContext(device=dinfo.device, rank=dinfo.rank, world=dinfo.world, images_seen=progress.images_seen,
+                       step=progress.step, generator=generator, precision=precision,
+                       _modules={**parts.frozen, **parts.modules})
+
+
+def _next_step_batches(batches: Iterator[Any], accumulation: int, ctx: StepContext,
+                       prepare: Callable[[Any, StepContext], Any] | None) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The step's micro-batches on the device, each through the stage's ``prepare_batch``, and their scratch dicts."""
+    micro_batches, scratches = [], []
+    for index in range(accumulation):
+        batch = to_device(next(batches), ctx.device)
+        ctx.micro_index, ctx.scratch = index, {}
+        micro_batches.append(prepare(batch, ctx) if prepare is not None else batch)
+        scratches.append(ctx.scratch)
+    return micro_batches, scratches
+
+
+def _optimise(parts: _Parts, runners: dict[str, nn.Module], micro_batches: list[Any],
+              scratches: list[dict[str, Any]], ctx: StepContext, cfg: LoopConfig, metrics: Metrics) -> bool:
+    """One step: every phase that has started, in order, updates the modules it trains (only they get
+    gradients during the phase). Returns True when some phase skipped its update."""
+    skipped = False
+    for phase in parts.phases:
+        if ctx.images_seen < phase.start_images:
+            continue
+        for name, params in parts.trainable.items():
+            for p in params:
+                p.requires_grad_(name in phase.trains)
+        params = [p for name in phase.trains for p in parts.trainable[name]]
+        if not _update_phase(phase, runners[phase.name], params, micro_batches, scratches, ctx, cfg, metrics):
+            skipped = True
+    for params in parts.trainable.values():
+        for p in params:
+            p.requires_grad_(True)
+    return skipped
+
+
+def _update_phase(phase: Phase, runner: nn.Module, params: list[nn.Parameter], micro_batches: list[Any],
+                  scratches: list[dict[str, Any]], ctx: StepContext, cfg: LoopConfig, metrics: Metrics) -> bool:
+    """Accumulate ``phase``'s gradients over the micro-batches (DDP synchronises on the last one only),
+    clip and step its optimiser. A non-finite loss or gradient norm on any process drops the gradients
+    instead; returns whether the update was made."""
+    accumulation = len(micro_batches)
+    loss_total = torch.zeros((), device=ctx.device)
+    for index, batch in enumerate(micro_batches):
+        ctx.micro_index, ctx.scratch = index, scratches[index]
+        last = index == accumulation - 1
+        sync = contextlib.nullcontext() if last or ctx.world == 1 else runner.no_sync()
+        with sync:
+            with ctx.autocast():
+                loss, logs = runner(_Call(batch, ctx))
+            (loss.float() / accumulation).backward()
+        loss_total += loss.detach().float()
+        for key, value in logs.items():
+            metrics.add(f"{phase.name}/{key}", value)
+    clip = cfg.grad_clip if phase.grad_clip is None else phase.grad_clip
+    norm = _grad_norm(params, clip).to(ctx.device)
+    bad = (~torch.isfinite(loss_total) | ~torch.isfinite(norm)).float()
+    if dist_utils.all_reduce_sum(bad).item() > 0:
+        phase.optimizer.zero_grad(set_to_none=True)
+        log.warning("phase %s: non-finite loss or gradient at %d images; update skipped", phase.name, ctx.images_seen)
+        return False
+    phase.optimizer.step()
+    phase.optimizer.zero_grad(set_to_none=True)
+    metrics.add(f"{phase.name}/loss", loss_total / accumulation)
+    metrics.add(f"{phase.name}/grad_norm", norm)
+    return True
+
+
+def _grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
+    """The global gradient norm; gradients are scaled down to ``clip`` when it is > 0."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(grads, clip)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in grads]))
+
+
+def _ema_decay(cfg: LoopConfig, step: int) -> float:
+    """The EMA decay of optimiser step ``step``: ``ema_decay``, ramped up from 0.1 with ``ema_warmup``."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+
+
+def _check_nonfinite(progress: _Progress, cfg: LoopConfig, last_checkpoint: Path | None) -> None:
+    """Stop with :class:`NonFiniteError` after ``max_nonfinite`` skipped updates in a row."""
+    if progress.nonfinite_run >= cfg.max_nonfinite:
+        where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
+        raise NonFiniteError(
+            f"training stopped: {progress.nonfinite_run} steps in a row had a non-finite loss or gradient "
+            f"(at {progress.images_seen} images, train.max_nonfinite={cfg.max_nonfinite}){where}; lower the "
+            "learning rate, use train.precision=fp32 or check the data")
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    return after // every > before // every
+
+
+def _log(metrics: Metrics, progress: _Progress, clock: _Clock, bar: tqdm) -> dict[str, Any]:
+    """Close the logging window: write the averaged metrics and show the phases' losses on the bar."""
+    rate, seconds = clock.close_window(progress.images_seen)
+    logs = metrics.flush({"images": progress.images_seen, "step": progress.step, "images_per_s": rate,
+                          "nonfinite_skipped": progress.nonfinite_total, "seconds": seconds})
+    shown = {k.split("/")[0]: v for k, v in logs.items() if k.endswith("/loss")}
+    bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+    return logs
+
+
+class _Checkpointer:
+    """Writes checkpoints (rank 0, then every process waits) and, after each, the stage's published model."""
+
+    def __init__(self, stage: Stage, run_dir: Path, parts: _Parts, cfg: LoopConfig, dinfo: dist_utils.DistInfo,
+                 clock: _Clock, last: Path | None) -> None:
+        self.stage, self.run_dir, self.parts, self.cfg, self.dinfo, self.clock = stage, run_dir, parts, cfg, dinfo, clock
+        self.root = run_dir / "checkpoints"
+        self.last = last  # the newest checkpoint of this run, if any
+
+    def publish(self) -> None:
+        """Rank 0: the stage writes its published model (RUN/vae, RUN/sit) from the EMA copies where there are."""
+        export = getattr(self.stage, "export", None)
         if export is not None:
-            export(run_dir, {n: ema.copies.get(n, m) for n, m in modules.items()})
+            export(self.run_dir, {n: self.parts.ema.copies.get(n, m) for n, m in self.parts.modules.items()})
 
-    def save() -> None:
-        nonlocal last_checkpoint
-        if dinfo.is_main:
-            last_checkpoint = save_checkpoint(
-                ckpt_root, images_seen,
-                tensors={**{f"model.{n}": m.state_dict() for n, m in modules.items()},
-                         **{f"ema.{n}": c.state_dict() for n, c in ema.copies.items()}},
-                torch_states={f"optim.{p.name}": p.optimizer.state_dict() for p in phases},
-                state={"step": step, "nonfinite_consecutive": nonfinite_run, "nonfinite_total": nonfinite_total,
-                       "seconds": seconds_before + time.time() - start_time, "world_size": world,
-                       "batch_size": cfg.batch_size, "seed": cfg.seed},
+    def save(self, progress: _Progress) -> None:
+        """A checkpoint at ``progress`` (weights, EMA copies, optimisers, counters), then the published model."""
+        parts, cfg = self.parts, self.cfg
+        if self.dinfo.is_main:
+            self.last = save_checkpoint(
+                self.root, progress.images_seen,
+                tensors={**{f"model.{n}": m.state_dict() for n, m in parts.modules.items()},
+                         **{f"ema.{n}": c.state_dict() for n, c in parts.ema.copies.items()}},
+                torch_states={f"optim.{p.name}": p.optimizer.state_dict() for p in parts.phases},
+                state={"step": progress.step, "nonfinite_consecutive": progress.nonfinite_run,
+                       "nonfinite_total": progress.nonfinite_total, "seconds": self.clock.seconds(),
+                       "world_size": self.dinfo.world, "batch_size": cfg.batch_size, "seed": cfg.seed},
                 keep_last=cfg.keep_last)
-            publish()
-            log.info("checkpoint %s", last_checkpoint)
+            self.publish()
+            log.info("checkpoint %s", self.last)
         else:
-            last_checkpoint = ckpt_root / checkpoint_name(images_seen)
+            self.last = self.root / checkpoint_name(progress.images_seen)
         dist_utils.barrier()
 
-    try:
-        while images_seen < cfg.total_images:
-            stopping = stop.signum is not None
-            if world > 1:  # a signal may reach only some processes: stop together
-                stopping = dist_utils.all_reduce_sum(torch.tensor(float(stopping), device=device)).item() > 0
-            if stopping:
-                status = "interrupted"
-                break
-
-            # Seed everything from (seed, rank, images_seen): exact resume without saving RNG states.
-            torch.manual_seed(seed_for(cfg.seed, rank, images_seen))
-            generator = torch.Generator(device=device)
-            generator.manual_seed(seed_for(cfg.seed, rank, images_seen, 2))
-            ctx = StepContext(device=device, rank=rank, world=world, images_seen=images_seen, step=step,
-                              generator=generator, precision=precision.precision, _modules={**frozen, **modules})
-            micro_batches, scratches = [], []
-            for index in range(accumulation):
-                batch = _to_device(next(batches), device)
-                ctx.micro_index, ctx.scratch = index, {}
-                micro_batches.append(prepare(batch, ctx) if prepare is not None else batch)
-                scratches.append(ctx.scratch)
-
-            skipped = False
-            for phase in phases:
-                if images_seen < phase.start_images:
-                    continue
-                for name, params in trainable.items():  # only this phase's modules get gradients
-                    for p in params:
-                        p.requires_grad_(name in phase.trains)
-                runner = runners[phase.name]
-                loss_total = torch.zeros((), device=device)
-                for index, batch in enumerate(micro_batches):
-                    ctx.micro_index, ctx.scratch = index, scratches[index]
-                    last = index == accumulation - 1
-                    sync = contextlib.nullcontext() if last or world == 1 else runner.no_sync()
-                    with sync:
-                        with ctx.autocast():
-                            loss, logs = runner(_Call(batch, ctx))
-                        (loss.float() / accumulation).backward()
-                    loss_total += loss.detach().float()
-                    for key, value in logs.items():
-                        metrics.add(f"{phase.name}/{key}", value)
-                params = [p for name in phase.trains for p in trainable[name]]
-                clip = cfg.grad_clip if phase.grad_clip is None else phase.grad_clip
-                norm = _grad_norm(params, clip).to(device)
-                bad = (~torch.isfinite(loss_total) | ~torch.isfinite(norm)).float()
-                if dist_utils.all_reduce_sum(bad).item() > 0:
-                    phase.optimizer.zero_grad(set_to_none=True)
-                    skipped = True
-                    log.warning("phase %s: non-finite loss or gradient at %d images; update skipped",
-                                phase.name, images_seen)
-                    continue
-                phase.optimizer.step()
-                phase.optimizer.zero_grad(set_to_none=True)
-                metrics.add(f"{phase.name}/loss", loss_total / accumulation)
-                metrics.add(f"{phase.name}/grad_norm", norm)
-            for params in trainable.values():
-                for p in params:
-                    p.requires_grad_(True)
-
-            if ema.copies:
-                decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
-                ema.update(modules, decay)
-            nonfinite_run = nonfinite_run + 1 if skipped else 0
-            nonfinite_total += int(skipped)
-            before, images_seen, step = images_seen, images_seen + cfg.batch_size, step + 1
-            bar.update(cfg.batch_size)
-            if nonfinite_run >= cfg.max_nonfinite:
-                where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
-                raise NonFiniteError(
-                    f"training stopped: {nonfinite_run} steps in a row had a non-finite loss or gradient "
-                    f"(at {images_seen} images, train.max_nonfinite={cfg.max_nonfinite}){where}; lower the "
-                    "learning rate, use train.precision=fp32 or check the data")
-
-            if _crossed(before, images_seen, cfg.log_every) or images_seen >= cfg.total_images:
-                now = time.time()
-                rate = (images_seen - window_images) / max(now - window_time, 1e-9)
-                last_logs = metrics.flush({"images": images_seen, "step": step, "images_per_s": rate,
-                                           "nonfinite_skipped": nonfinite_total,
-                                           "seconds": seconds_before + now - start_time})
-                window_time, window_images = now, images_seen
-                shown = {k.split("/")[0]: v for k, v in last_logs.items() if k.endswith("/loss")}
-                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-            if _crossed(before, images_seen, cfg.checkpoint_every) and images_seen < cfg.total_images:
-                save()
-        if last_checkpoint is None or last_checkpoint.name != checkpoint_name(images_seen):
-            save()
-        elif images_seen == start_images and dinfo.is_main:
-            publish()  # resumed at the end: a kill may have stopped the last export, so publish again
-    finally:
-        bar.close()
-        metrics.close()
-        del batches
-
-    seconds = time.time() - start_time
-    if status == "interrupted":
-        log.info("stopped by signal at %d images; checkpoint %s (run again to resume)", images_seen, last_checkpoint)
-    return {
-        "status": status,
-        "images_seen": images_seen,
-        "steps": step,
-        "nonfinite_skipped": nonfinite_total,
-        "checkpoint": str(ckpt_root / checkpoint_name(images_seen)),
-        "seconds": seconds,
-        "images_per_s": (images_seen - start_images) / max(seconds, 1e-9),
-        "logs": last_logs,
-    }
+    def finish(self, progress: _Progress, start_images: int) -> None:
+        """The final checkpoint, unless this position has one; a run resumed at its end publishes again
+        (a kill may have stopped the last export)."""
+        if self.last is None or self.last.name != checkpoint_name(progress.images_seen):
+            self.save(progress)
+        elif progress.images_seen == start_images and self.dinfo.is_main:
+            self.publish()

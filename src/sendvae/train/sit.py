@@ -39,7 +39,9 @@ from sendvae.config import ConfigError, to_dict
 from sendvae.data.latents import CacheInfo, LatentDataset, check_fingerprint, open_cache, select_flip
 from sendvae.models.sit import SiT, preset_args, repa_loss
 from sendvae.models.sit_formats import save_sit_folder
-from sendvae.train.loop import Phase, StepContext, seed_for, train
+from sendvae.train.data_order import seed_for
+from sendvae.train.loop import train
+from sendvae.train.stage import Phase, StepContext
 from sendvae.train.sit_config import (
     DataConfig,
     ModelConfig,

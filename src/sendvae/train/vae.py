@@ -52,7 +52,8 @@ from sendvae.models.vae_formats import load_latent_stats, load_vae, save_vae
 from sendvae.hardware import resolve_precision
 from sendvae.pixels import to_model
 from sendvae import distributed as dist_utils
-from sendvae.train.loop import Phase, StepContext, train
+from sendvae.train.loop import train
+from sendvae.train.stage import Phase, StepContext
 from sendvae.train.vae_config import (
     AlignmentConfig,
     DataConfig,
