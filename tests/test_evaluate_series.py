@@ -70,7 +70,8 @@ def _series(run: Path, reference: Path, out: Path) -> int:
 
 def test_every_checkpoint_is_sampled_with_the_same_seeds_and_evaluated(run, reference, tmp_path, monkeypatch):
     import sendvae.eval.inception as inception_module
-    from sendvae.sampling import SamplingConfig, sample_from_run
+    from sendvae.generator import sample_from_run
+    from sendvae.sampling import SamplingConfig
 
     monkeypatch.setattr(inception_module, "InceptionFeatures", FakeInception)
     out = tmp_path / "series"
@@ -106,7 +107,8 @@ def test_every_checkpoint_is_sampled_with_the_same_seeds_and_evaluated(run, refe
 
 
 def test_autoguidance_by_an_earlier_checkpoint_of_the_run(run):
-    from sendvae.sampling import SamplingConfig, generate_latents, load_generator
+    from sendvae.generator import load_generator
+    from sendvae.sampling import SamplingConfig, generate_latents
 
     first = run / "checkpoints" / f"ckpt-{32:012d}"
     generator = load_generator(run, guide_model=first)

@@ -14,22 +14,17 @@ from scipy import linalg
 from scipy.spatial.distance import cdist
 
 from sendvae.errors import UserError
-from sendvae.eval.generation import (
+from sendvae.eval.feature_metrics import (
     FeatureStats,
-    ImageSource,
-    NpzArray,
-    NpzWriter,
     RunningStats,
-    evaluate_samples,
     frechet_distance,
     inception_score,
     kernel_inception_distance,
-    make_reference_batch,
     manifold_radii,
-    npz_keys,
     precision_recall,
-    read_reference_stats,
 )
+from sendvae.eval.generation import ImageSource, evaluate_samples, make_reference_batch, read_reference_stats
+from sendvae.npz import NpzArray, NpzWriter, npz_keys
 from sendvae.eval.inception import (
     INCEPTION_ENV,
     INCEPTION_FILE,

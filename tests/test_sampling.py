@@ -419,7 +419,7 @@ def test_sample_command_gives_the_same_npz_for_one_or_two_processes_and_any_batc
 
 def test_decoding_uses_the_vae_latent_statistics(sit_run):
     from sendvae.models.vae_formats import load_vae
-    from sendvae.sampling import load_generator
+    from sendvae.generator import load_generator
 
     generator = load_generator(sit_run, dtype="float64")
     vae = load_vae(sit_run / "vae")
@@ -445,7 +445,7 @@ def test_decoding_uses_the_vae_latent_statistics(sit_run):
 def test_sample_command_refuses_a_vae_the_sit_was_not_trained_on(tmp_path, sit_run):
     from sendvae.models.vae import build_vae
     from sendvae.models.vae_formats import save_vae
-    from sendvae.sampling import load_generator
+    from sendvae.generator import load_generator
 
     other = save_vae(build_vae("tiny-f4c4"), tmp_path / "other-vae")
     run = tmp_path / "run"
@@ -489,7 +489,7 @@ def test_sample_command_records_its_protocol_and_draws_a_grid(tmp_path, sit_run)
 
 def test_guide_model_must_share_the_latent_space(tmp_path, sit_run):
     from sendvae.models.sit import build_sit
-    from sendvae.sampling import load_generator
+    from sendvae.generator import load_generator
     from sendvae.models.sit_formats import save_sit_folder
 
     config = json.loads((sit_run / "sit" / "config.json").read_text())

@@ -54,7 +54,7 @@ def write_sample_grid(samples: str | Path, out: str | Path, columns: int = 8, ro
     """
     from PIL import Image
 
-    from sendvae.eval.generation import NpzArray, npz_keys
+    from sendvae.npz import NpzArray, npz_keys
 
     images = NpzArray(samples)
     labels = NpzArray(samples, "arr_1").read() if "arr_1" in npz_keys(samples) else np.zeros(len(images), np.int64)

@@ -205,12 +205,12 @@ def test_killed_while_publishing_the_final_model_republishes_on_rerun(stage: str
 
 _DIE_AFTER_NPZ = """
 import os, signal
-from sendvae.eval import generation
-_original = generation.NpzWriter.__exit__
+from sendvae import npz
+_original = npz.NpzWriter.__exit__
 def _dying(self, *args):
     _original(self, *args)
     os.kill(os.getpid(), signal.SIGKILL)
-generation.NpzWriter.__exit__ = _dying
+npz.NpzWriter.__exit__ = _dying
 """
 
 

@@ -138,7 +138,7 @@ def parse_grid(text: str) -> tuple[int, int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sendvae.sampling import sample_from_run
+    from sendvae.generator import sample_from_run
 
     out = sample_from_run(
         args.sit,

@@ -442,7 +442,7 @@ def train_classifier(cfg: DemoConfig, data: dict[str, Any], folder: Path) -> dic
 
     from sendvae.data.shapes import FACTOR_SIZES, FACTORS
     from sendvae.data.store import ImageStore
-    from sendvae.eval.generation import FeatureStats, frechet_distance
+    from sendvae.eval.feature_metrics import FeatureStats, frechet_distance
     from sendvae.eval.shapes_classifier import factor_accuracy, train_shapes_classifier
 
     train, test = ImageStore(data["train"]), ImageStore(data["test"])
@@ -462,7 +462,7 @@ def train_classifier(cfg: DemoConfig, data: dict[str, Any], folder: Path) -> dic
 
 
 def _real_stats(folder: Path) -> Any:
-    from sendvae.eval.generation import FeatureStats
+    from sendvae.eval.feature_metrics import FeatureStats
 
     with np.load(folder / "real_stats.npz") as f:
         return FeatureStats(f["mu"], f["sigma"])
@@ -474,7 +474,8 @@ def _real_stats(folder: Path) -> Any:
 def evaluate_reconstructions(cfg: DemoConfig, data: dict[str, Any], vaes: dict[str, str], folder: Path) -> dict[str, Any]:
     """Step ``recon``: PSNR, SSIM, LPIPS (if its weights exist) and FD(recon, real) in classifier space."""
     from sendvae.data.store import ImageStore
-    from sendvae.eval.generation import ImageSource, frechet_distance, summarize
+    from sendvae.eval.feature_metrics import frechet_distance
+    from sendvae.eval.generation import ImageSource, summarize
     from sendvae.eval.reconstruction import evaluate_reconstruction, vae_reconstructor
     from sendvae.losses import PerceptualLoss, default_vgg16_path
     from sendvae.models.vae_formats import load_vae
@@ -510,7 +511,8 @@ def evaluate_reconstructions(cfg: DemoConfig, data: dict[str, Any], vaes: dict[s
 def run_generation(cfg: DemoConfig, out: Path, variant_run: str, folder: Path) -> dict[str, Any]:
     """Step ``sit-<variant>``: cache latents, train SiT + REPA, sample with and without CFG, evaluate."""
     from sendvae.data.latents import cache_latents
-    from sendvae.eval.generation import ImageSource, frechet_distance, summarize
+    from sendvae.eval.feature_metrics import frechet_distance
+    from sendvae.eval.generation import ImageSource, summarize
     from sendvae.eval.shapes_classifier import class_consistency
     from sendvae.models.sit_formats import load_sit_run
     from sendvae.sampling import SampleJob, SamplingConfig, sample_to_npz

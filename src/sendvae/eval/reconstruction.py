@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sendvae.errors import UserError
-from sendvae.eval.generation import ImageSource, RunningStats, frechet_distance
+from sendvae.eval.feature_metrics import RunningStats, frechet_distance
+from sendvae.eval.generation import ImageSource
 from sendvae.eval.inception import FeatureExtractor
 from sendvae.pixels import to_model, to_uint8
 from sendvae.progress import bars_enabled

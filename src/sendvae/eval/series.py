@@ -1,7 +1,7 @@
 """Generation metrics over the checkpoints of one ``train-sit`` run (``sendvae evaluate --checkpoints RUN``).
 
 For every checkpoint ``RUN/checkpoints/ckpt-<images seen>`` (oldest first) the series draws N samples
-from the checkpoint's EMA weights (:func:`sendvae.sampling.load_sit_source`) with one fixed sampling
+from the checkpoint's EMA weights (:func:`sendvae.generator.load_sit_source`) with one fixed sampling
 config: sample i depends only on (seed, i), so every checkpoint gets the same labels and the same
 initial noise, and the curve shows the model, not the draw. The samples go to ``OUT/ckpt-<images>.npz``
 (with its grid ``OUT/ckpt-<images>.png``), their metrics to ``OUT/ckpt-<images>.metrics.json`` (with the
@@ -25,7 +25,8 @@ from tqdm import tqdm
 from sendvae.errors import UserError
 from sendvae.eval.generation import GenerationMetrics, build_extractors, evaluate_files, write_metrics
 from sendvae.progress import bars_enabled
-from sendvae.sampling import SamplingConfig, read_sample_metadata, sample_from_run
+from sendvae.generator import sample_from_run
+from sendvae.sampling import SamplingConfig, read_sample_metadata
 
 log = logging.getLogger(__name__)
 
