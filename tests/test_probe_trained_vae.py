@@ -1,13 +1,15 @@
 """The probe on a really trained tiny VAE (issue "Measuring disentanglement", Done when): every shapes factor
 is recovered far above chance from the flattened latent, while random features of the same width sit at
-chance. One of the slowest tests of the suite (about a minute): the VAE is trained for real.
+chance. One of the slowest tests of the suite (about two minutes in fp32 on 2 cores): the VAE is trained
+for real.
 
-The VAE is ``tiny-f4c8`` (32 px -> 8x8x8 = 512-d latent) trained from random initialisation for 200 steps
-of 32 with the VF alignment loss to the offline EfficientNet-Lite0 teacher (configs/shapes/vf.yaml):
+The VAE is ``tiny-f4c8`` (32 px -> 8x8x8 = 512-d latent) trained from random initialisation for 100 steps
+of 32 (lr 1e-3) with the VF alignment loss to the offline EfficientNet-Lite0 teacher (configs/shapes/vf.yaml):
 alignment makes every factor, rotation and texture included, linearly readable within that budget,
 while an unaligned VAE this short reads rotation (only partly identifiable, PILOT.md) at chance.
 "Far above chance" means at least 6 binomial standard deviations of the test split above 1 / (number of
-values); the control must stay within 4 of them.
+values); the control must stay within 4 of them. Measured at these settings (fp32): texture 9.6 SD,
+rotation 16.1, shape 35.4, the others 54-102.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from sendvae.eval.probe_solver import fit_linear_probe
 from sendvae.train.vae import TrainVAEConfig, train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE_IMAGES, PROBE_SEED = 12_000, 7  # another seed than the VAE's training images: 8,400 / 1,200 / 2,400
+PROBE_IMAGES, PROBE_SEED = 8_000, 7  # another seed than the VAE's training images: 5,600 / 800 / 1,600
 FAR, NEAR = 6.0, 4.0  # binomial standard deviations above chance (recovered) / around chance (control)
 
 
@@ -38,9 +40,9 @@ def _z_score(accuracy: float, values: int, n: int) -> float:
 
 def _train_tiny_aligned_vae(run: Path) -> Path:
     cfg = load_config(TrainVAEConfig, ROOT / "configs/shapes/vf.yaml", [
-        "model.init=tiny-f4c8", "data.source=shapes:4000", "optim.lr=5e-4", "train.batch_size=32",
-        "train.total_images=6400", "train.num_workers=0", "train.device=cpu", "train.log_every=3200",
-        "train.checkpoint_every=6400", "model.stats_images=256",
+        "model.init=tiny-f4c8", "data.source=shapes:4000", "optim.lr=1e-3", "train.batch_size=32",
+        "train.total_images=3200", "train.num_workers=0", "train.device=cpu", "train.log_every=1600",
+        "train.checkpoint_every=3200", "model.stats_images=256",
     ])
     train_vae(cfg, run)
     return run / "vae"
@@ -54,7 +56,7 @@ def test_probe_recovers_every_factor_of_a_trained_vae_and_random_features_sit_at
     (dataset,) = json.loads((out / "probe_results.json").read_text())["datasets"]
     (row,) = dataset["rows"]
     n_test = dataset["n_test"]
-    assert row["feature_shape"] == [8, 8, 8] and n_test == 2400
+    assert row["feature_shape"] == [8, 8, 8] and n_test == 1600
     recovered = {f: _z_score(row["factor_accuracy"][f], len(v), n_test) for f, v in FACTORS.items()}
     assert all(z > FAR for z in recovered.values()), recovered
     assert dataset["rows"][0]["macro_f1"] > dataset["chance_macro_f1"] + 0.2
