@@ -13,6 +13,17 @@ from sendvae.config import param
 
 
 @dataclass
+class AdamWConfig:
+    """AdamW with a constant learning rate: a stage's ``optim`` (REPA / REPA-E defaults)."""
+
+    lr: float = param(1e-4, "AdamW learning rate (constant)", min=0.0)
+    beta1: float = param(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = param(0.999, "AdamW beta2", min=0.0, max=1.0)
+    weight_decay: float = param(0.0, "AdamW weight decay", min=0.0)
+    eps: float = param(1e-8, "AdamW epsilon", min=0.0)
+
+
+@dataclass
 class LoopConfig:
     """The knobs of the shared loop (stage configs hold one of these under ``train``)."""
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sendvae.config import param
-from sendvae.train.loop_config import LoopConfig
+from sendvae.train.loop_config import AdamWConfig, LoopConfig
 
 
 @dataclass
@@ -86,14 +86,8 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW (REPA / REPA-E defaults)."""
-
-    lr: float = param(1e-4, "AdamW learning rate (constant)", min=0.0)
-    beta1: float = param(0.9, "AdamW beta1", min=0.0, max=1.0)
-    beta2: float = param(0.999, "AdamW beta2", min=0.0, max=1.0)
-    weight_decay: float = param(0.0, "AdamW weight decay", min=0.0)
-    eps: float = param(1e-8, "AdamW epsilon", min=0.0)
+class OptimConfig(AdamWConfig):
+    """AdamW (REPA / REPA-E defaults: lr 1e-4, betas (0.9, 0.999), no weight decay)."""
 
 
 def _default_loop() -> LoopConfig:

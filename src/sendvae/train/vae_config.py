@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sendvae.config import param
-from sendvae.train.loop_config import LoopConfig
+from sendvae.train.loop_config import AdamWConfig, LoopConfig
 
 
 @dataclass
@@ -72,12 +72,10 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(AdamWConfig):
+    """AdamW of the VAE and the alignment head, and of the discriminator."""
+
     lr: float = param(3e-4, "AdamW learning rate of the VAE and the alignment head (constant)", min=0.0)
-    beta1: float = param(0.9, "AdamW beta1", min=0.0, max=1.0)
-    beta2: float = param(0.999, "AdamW beta2", min=0.0, max=1.0)
-    weight_decay: float = param(0.0, "AdamW weight decay", min=0.0)
-    eps: float = param(1e-8, "AdamW epsilon", min=0.0)
     disc_lr: float = param(0.0, "discriminator learning rate; 0 = optim.lr", min=0.0)
 
 
