@@ -206,3 +206,34 @@ def test_preview_grid_writes_a_png(tmp_path):
     with Image.open(path) as grid:
         assert grid.format == "PNG" and grid.width > 6 * 128 / 2 and grid.height > 128
     assert shapes.caption(sample_factors([0])[0])[0].split()[0] in FACTORS["shape"]
+
+
+def test_variants_restrict_factors_and_keep_the_full_distribution_unchanged():
+    full = shapes.get_variant("shapes")
+    assert all(full.allowed(f) == tuple(range(len(v))) for f, v in FACTORS.items())
+    factors = sample_factors(np.arange(6000), seed=3, variant="shapes-gen")
+    gen = shapes.get_variant("shapes-gen")
+    for column, factor in enumerate(FACTORS):
+        allowed = gen.allowed(factor)
+        counts = np.bincount(factors[:, column], minlength=len(FACTORS[factor]))
+        assert set(np.flatnonzero(counts)) == set(allowed), factor  # every allowed value, nothing else
+        expected = 6000 / len(allowed)
+        assert np.all(np.abs(counts[list(allowed)] - expected) < 5 * math.sqrt(expected)), (factor, counts)
+    assert gen.allowed("texture") == (0,) and gen.allowed("rotation") == (0,) and len(gen.allowed("shape")) == 6
+    # the class label is the shape, and a variant's item is the full renderer's image of its factors
+    data = ShapesDataset(12, resolution=16, seed=3, variant="shapes-gen")
+    batch = data.batch(range(12))
+    assert torch.equal(batch["label"], batch["factors"][:, 0])
+    assert np.array_equal(batch["factors"].numpy(), factors[:12])
+    assert np.array_equal(batch["image"].permute(0, 2, 3, 1).numpy(), render_factors(factors[:12], 16))
+
+
+def test_data_specs_name_the_variant():
+    assert shapes.parse_spec("shapes:1_000@4") == (1000, 4, "shapes")
+    assert shapes.parse_spec("shapes-gen:30") == shapes.ShapesSpec(30, 0, "shapes-gen")
+    assert shapes.parse_spec("runs/images") is None
+    assert shapes.parse_spec(shapes.format_spec(7, 2, "shapes-gen")) == (7, 2, "shapes-gen")
+    with pytest.raises(UserError, match="unknown shapes variant 'shapes-huge'"):
+        shapes.parse_spec("shapes-huge:10")
+    with pytest.raises(UserError, match="shapes:N"):
+        shapes.parse_spec("shapes-gen:many")

@@ -18,7 +18,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from sendvae.data import store as store_lib
 from sendvae.data.images import BadImageError, load_and_crop
-from sendvae.data.shapes import ShapesDataset, attribute_vector, render_batch
+from sendvae.data.shapes import ShapesDataset, attribute_vector, render_batch, sample_factors
 from sendvae.data.store import ImageStore, open_image_dataset, prepare_store
 from sendvae.errors import UserError
 
@@ -236,3 +236,13 @@ def test_lock_refuses_a_concurrent_prepare(tmp_path):
         with pytest.raises(UserError, match="another 'sendvae data prepare' is writing"):
             prepare_store("shapes:4", out, 16, progress=False)
     assert prepare_store("shapes:4", out, 16, progress=False)["count"] == 4
+
+
+def test_a_variant_spec_prepares_the_variant_and_records_it(tmp_path):
+    manifest = prepare_store("shapes-gen:20@3", tmp_path / "g", 16, progress=False)
+    assert manifest["shapes"] == {"n": 20, "seed": 3, "variant": "shapes-gen"}
+    store = ImageStore(tmp_path / "g")
+    assert np.array_equal(store.factors, sample_factors(np.arange(20), 3, "shapes-gen"))
+    assert np.array_equal(store.labels, store.factors[:, 0])
+    dataset = open_image_dataset("shapes-gen:20@3", resolution=16)
+    assert torch.equal(dataset.images(0, 20), store.images(0, 20))

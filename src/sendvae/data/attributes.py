@@ -101,7 +101,8 @@ class ShapesAttributeSplit(shapes_lib.ShapesDataset):
     """A contiguous index range of the shapes dataset (its items already carry ``attributes``)."""
 
     def attribute_matrix(self) -> np.ndarray:
-        return shapes_lib.attribute_vector(shapes_lib.sample_factors(np.arange(self.n) + self.offset, self.seed))
+        return shapes_lib.attribute_vector(shapes_lib.sample_factors(np.arange(self.n) + self.offset, self.seed,
+                                                                     self.variant))
 
 
 @dataclass
@@ -444,13 +445,14 @@ def open_csv(path: Path, resolution: int) -> AttributeSource:
                   resolution, class_names)
 
 
-def open_shapes(n: int, seed: int, resolution: int) -> AttributeSource:
-    """The shapes dataset split by index: 70 / 10 / 20 %."""
+def open_shapes(n: int, seed: int, resolution: int, variant: str = "shapes") -> AttributeSource:
+    """The shapes dataset (or a variant of it) split by index: 70 / 10 / 20 %."""
     bounds = [0, int(0.7 * n), int(0.8 * n), n]
-    source = AttributeSource("shapes", Path(f"shapes:{n}@{seed}"), shapes_lib.attribute_names(), int(resolution),
-                             list(shapes_lib.FACTORS["shape"]))
+    source = AttributeSource("shapes", Path(shapes_lib.format_spec(n, seed, variant)), shapes_lib.attribute_names(),
+                             int(resolution), list(shapes_lib.FACTORS["shape"]))
     for k, split in enumerate(SPLITS):
-        source._splits[split] = ShapesAttributeSplit(bounds[k + 1] - bounds[k], resolution, seed, offset=bounds[k])
+        source._splits[split] = ShapesAttributeSplit(bounds[k + 1] - bounds[k], resolution, seed, offset=bounds[k],
+                                                     variant=variant)
     return source
 
 
@@ -462,7 +464,7 @@ def open_attribute_dataset(spec: str, resolution: int) -> AttributeSource:
     spec = str(spec)
     shapes_spec = parse_shapes_spec(spec)
     if shapes_spec is not None:
-        return open_shapes(shapes_spec[0], shapes_spec[1], resolution)
+        return open_shapes(shapes_spec.n, shapes_spec.seed, resolution, shapes_spec.variant)
     kind, _, location = spec.partition(":")
     if not location or kind not in (*_FORMATS, "csv"):
         raise UserError(

@@ -20,6 +20,17 @@ per factor value (49). Rotation is only partly identifiable: a solid circle carr
 square repeats every 90 degrees, the star every 72 (so its 78.75-degree step looks like 6.75),
 textures reveal it on every shape.
 
+**Variants** (:data:`VARIANTS`) restrict some factors to a subset of their values and leave the
+rest uniform; the factor indices, attribute columns and renderer stay those of the full dataset, so
+any model or classifier of the full dataset reads a variant's images. A variant is named in a data
+spec as ``<variant>:N[@SEED]`` (:func:`parse_spec`):
+
+- ``shapes``: the full distribution above (the probe study's data);
+- ``shapes-gen``: the generation study's data (``sendvae demo``): the largest size, no rotation,
+  solid texture and the 4 x 4 central positions, so the shape (the class) is drawn large and
+  sharp enough for a tiny SiT to learn in CPU minutes; hues and backgrounds stay free
+  (6 * 8 * 4 * 4 * 4 = 3,072 combinations). docs/demo_full.md gives the measurements behind it.
+
 Rendering is antialiased by analytic coverage: each shape has a signed distance function (negative
 inside) evaluated at pixel centres, and a pixel's coverage is ``clip(0.5 - d / pixel, 0, 1)`` (a
 one-pixel linear ramp across the edge); the stripes and dots are antialiased the same way.
@@ -31,8 +42,10 @@ from __future__ import annotations
 
 import colorsys
 import math
+import re
 from collections import OrderedDict
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +80,66 @@ PATTERN_DARKEN = 0.5  # pattern pixels are the object colour times (1 - 0.5)
 _MASK64 = (1 << 64) - 1
 
 
+@dataclass(frozen=True)
+class ShapesVariant:
+    """A named distribution over the factors: ``values[factor]`` lists the allowed value indices
+    (a factor not listed takes all its values); each factor stays uniform over its allowed values."""
+
+    name: str
+    description: str
+    values: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def allowed(self, factor: str) -> tuple[int, ...]:
+        """The value indices ``factor`` can take in this variant."""
+        return self.values.get(factor, tuple(range(len(FACTORS[factor]))))
+
+
+#: variant name -> variant; the name is also the prefix of its data spec (``shapes-gen:4000@0``).
+VARIANTS: dict[str, ShapesVariant] = {
+    "shapes": ShapesVariant("shapes", "the full distribution: every factor uniform over all its values"),
+    "shapes-gen": ShapesVariant(
+        "shapes-gen", "generation study: size l, rotation 0, solid, x and y in the 4 central positions",
+        {"size": (3,), "rotation": (0,), "x": (2, 3, 4, 5), "y": (2, 3, 4, 5), "texture": (0,)},
+    ),
+}
+
+
+def get_variant(name: str) -> ShapesVariant:
+    """The variant called ``name`` (a UserError naming the known ones otherwise)."""
+    if name not in VARIANTS:
+        raise UserError(f"unknown shapes variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+class ShapesSpec(NamedTuple):
+    """A parsed data spec ``<variant>:N[@SEED]``."""
+
+    n: int
+    seed: int
+    variant: str
+
+
+_SPEC = re.compile(r"^(shapes(?:-[a-z]+)?):([0-9_]+)(?:@([0-9]+))?$")
+
+
+def parse_spec(spec: str) -> ShapesSpec | None:
+    """``"shapes:N"``, ``"shapes-gen:N@SEED"``, ... -> :class:`ShapesSpec`; ``None`` for anything that is not
+    a shapes spec (a folder path); a UserError for a malformed one or an unknown variant."""
+    text = str(spec).strip()
+    match = _SPEC.match(text)
+    if not match:
+        if re.match(r"^shapes(-[a-z]+)?:", text):
+            raise UserError(f"bad shapes spec {spec!r}: expected shapes:N or shapes:N@SEED (e.g. shapes:20000@1), or a "
+                            f"variant's VARIANT:N@SEED (variants: {', '.join(VARIANTS)})")
+        return None
+    return ShapesSpec(int(match.group(2).replace("_", "")), int(match.group(3) or 0), get_variant(match.group(1)).name)
+
+
+def format_spec(n: int, seed: int, variant: str = "shapes") -> str:
+    """The data spec of ``n`` items of ``variant`` drawn with ``seed`` (inverse of :func:`parse_spec`)."""
+    return f"{get_variant(variant).name}:{int(n)}@{int(seed)}"
+
+
 def attribute_names() -> list[str]:
     """One binary column per factor value: ``["shape=circle", ..., "texture=dotted"]`` (49 names)."""
     return [f"{factor}={value}" for factor, values in FACTORS.items() for value in values]
@@ -99,18 +172,21 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def sample_factors(indices: Any, seed: int = 0) -> np.ndarray:
-    """Factor indices int64 ``[B, 8]`` of items ``indices`` for ``seed`` (each uniform over its values)."""
+def sample_factors(indices: Any, seed: int = 0, variant: str = "shapes") -> np.ndarray:
+    """Factor indices int64 ``[B, 8]`` of items ``indices`` for ``seed``, each uniform over the values that
+    ``variant`` allows (the full variant: over all values)."""
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if (idx < 0).any():
         raise ValueError("shapes indices must be >= 0")
+    chosen = get_variant(variant)
     with np.errstate(over="ignore"):
         key = _splitmix64(np.array([int(seed) & _MASK64], dtype=np.uint64))
         base = _splitmix64(idx.astype(np.uint64) ^ key)
         columns = []
-        for f, size in enumerate(FACTOR_SIZES):
+        for f, factor in enumerate(FACTORS):
+            allowed = np.asarray(chosen.allowed(factor), dtype=np.int64)
             h = _splitmix64(base + np.uint64(f + 1) * np.uint64(0xD1B54A32D192ED03))
-            columns.append((h % np.uint64(size)).astype(np.int64))
+            columns.append(allowed[(h % np.uint64(len(allowed))).astype(np.int64)])
     return np.stack(columns, axis=1)
 
 
@@ -291,16 +367,17 @@ def render_factors(factors: Any, resolution: int = 64) -> np.ndarray:
     return images
 
 
-def render_batch(indices: Any, resolution: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def render_batch(indices: Any, resolution: int = 64, seed: int = 0,
+                 variant: str = "shapes") -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 ``[B, H, W, 3]`` and factor indices int64 ``[B, 8]`` of items ``indices`` (the fast path)."""
     resolution = _check_resolution(resolution)
-    factors = sample_factors(indices, seed)
+    factors = sample_factors(indices, seed, variant)
     return render_factors(factors, resolution), factors
 
 
-def render(index: int, resolution: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def render(index: int, resolution: int = 64, seed: int = 0, variant: str = "shapes") -> tuple[np.ndarray, np.ndarray]:
     """One item: image uint8 ``[H, W, 3]`` and its factor indices int64 ``[8]``."""
-    images, factors = render_batch([index], resolution, seed)
+    images, factors = render_batch([index], resolution, seed, variant)
     return images[0], factors[0]
 
 
@@ -310,7 +387,8 @@ def describe_factors(factors: Sequence[int]) -> dict[str, str]:
 
 
 class ShapesDataset(Dataset):
-    """Items ``offset .. offset + n - 1`` of the shapes dataset at ``resolution`` for ``seed``.
+    """Items ``offset .. offset + n - 1`` of the shapes dataset (or one of its :data:`VARIANTS`) at
+    ``resolution`` for ``seed``.
 
     Each item is the project's image item plus the exact factors and the attribute vector:
     ``{"image": uint8 [3, H, W], "label": int64 (shape index), "index": int64 (dataset index i,
@@ -318,10 +396,11 @@ class ShapesDataset(Dataset):
     :meth:`images` and :meth:`batch` render many items at once (the fast path).
     """
 
-    def __init__(self, n: int, resolution: int = 64, seed: int = 0, offset: int = 0) -> None:
+    def __init__(self, n: int, resolution: int = 64, seed: int = 0, offset: int = 0, variant: str = "shapes") -> None:
         if int(n) < 0 or int(offset) < 0:
             raise UserError(f"shapes dataset size {n} and offset {offset} must be >= 0")
         self.n, self.seed, self.offset = int(n), int(seed), int(offset)
+        self.variant = get_variant(variant).name
         self.resolution = _check_resolution(resolution)
         self.num_classes = NUM_CLASSES
         self.attribute_names = attribute_names()
@@ -339,7 +418,7 @@ class ShapesDataset(Dataset):
     def batch(self, indices: Any) -> dict[str, torch.Tensor]:
         """Stacked items for ``indices`` (same keys as an item, with a leading batch dimension)."""
         idx = self._positions(indices)
-        images, factors = render_batch(idx + self.offset, self.resolution, self.seed)
+        images, factors = render_batch(idx + self.offset, self.resolution, self.seed, self.variant)
         return {
             "image": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
             "label": torch.from_numpy(factors[:, 0].copy()),
@@ -374,11 +453,11 @@ def caption(factors: Sequence[int]) -> list[str]:
     ]
 
 
-def preview(out: str, n: int = 16, resolution: int = 64, seed: int = 0, start: int = 0) -> str:
+def preview(out: str, n: int = 16, resolution: int = 64, seed: int = 0, start: int = 0, variant: str = "shapes") -> str:
     """Write a PNG grid of items ``start .. start + n - 1`` with their factor labels; returns the path."""
     from sendvae.data.images import save_image_grid
 
     if not 1 <= int(n) <= 1024:
         raise UserError(f"preview size n={n} must be in [1, 1024]")
-    images, factors = render_batch(np.arange(start, start + int(n)), resolution, seed)
+    images, factors = render_batch(np.arange(start, start + int(n)), resolution, seed, variant)
     return str(save_image_grid(images, [caption(f) for f in factors], out))

@@ -1,4 +1,4 @@
-"""The uint8 store: an image folder (or ``shapes:N``) prepared once into memory-mappable shards.
+"""The uint8 store: an image folder (or ``shapes:N``, ``shapes-gen:N``) prepared once into memory-mappable shards.
 
 Layout of a store folder ``OUT``::
 
@@ -31,7 +31,6 @@ import logging
 import math
 import multiprocessing
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,17 +54,12 @@ STORE_VERSION = 1
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 SHARDS = "shards"
-_SHAPES_SPEC = re.compile(r"^shapes:([0-9_]+)(?:@([0-9]+))?$")
 
 
-def parse_shapes_spec(spec: str) -> tuple[int, int] | None:
-    """``"shapes:N"`` or ``"shapes:N@SEED"`` -> ``(N, SEED)``; ``None`` for anything else."""
-    match = _SHAPES_SPEC.match(str(spec).strip())
-    if not match:
-        if str(spec).strip().startswith("shapes:"):
-            raise UserError(f"bad shapes spec {spec!r}: expected shapes:N or shapes:N@SEED (e.g. shapes:20000@1)")
-        return None
-    return int(match.group(1).replace("_", "")), int(match.group(2) or 0)
+def parse_shapes_spec(spec: str) -> shapes_lib.ShapesSpec | None:
+    """``"shapes:N"``, ``"shapes:N@SEED"`` or a variant's ``"shapes-gen:N@SEED"`` -> ``(N, SEED, variant)``;
+    ``None`` for anything else (:func:`sendvae.data.shapes.parse_spec`)."""
+    return shapes_lib.parse_spec(spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,16 +76,17 @@ class _Source:
     labels: Sequence[int] = ()
     class_names: Sequence[str] = ()
     seed: int = 0
+    variant: str = "shapes"
     listing_hash: str = ""
 
 
 def _resolve_source(src: str | os.PathLike) -> _Source:
     spec = parse_shapes_spec(str(src))
     if spec is not None:
-        n, seed = spec
-        if n < 1:
+        if spec.n < 1:
             raise UserError(f"{src}: a shapes store needs at least one image")
-        return _Source("shapes", f"shapes:{n}@{seed}", n, seed=seed, class_names=list(shapes_lib.FACTORS["shape"]))
+        return _Source("shapes", shapes_lib.format_spec(*spec), spec.n, seed=spec.seed, variant=spec.variant,
+                       class_names=list(shapes_lib.FACTORS["shape"]))
     root = Path(src)
     listing = list_image_folder(root)
     digest = hashlib.sha256()
@@ -179,6 +174,7 @@ class _ShardTask:
     kind: str
     root: str = ""
     seed: int = 0
+    variant: str = "shapes"
     paths: Sequence[str] = ()
     labels: Sequence[int] = ()
 
@@ -189,9 +185,9 @@ def _build_shard(task: _ShardTask) -> tuple[int, int]:
     skipped: list[dict[str, str]] = []
     factors = None
     if task.kind == "shapes":
-        images, factors = shapes_lib.render_batch(np.arange(task.start, task.stop), res, task.seed)
+        images, factors = shapes_lib.render_batch(np.arange(task.start, task.stop), res, task.seed, task.variant)
         labels = factors[:, 0].copy()
-        paths = [f"shapes:{i}@{task.seed}" for i in range(task.start, task.stop)]
+        paths = [f"{task.variant}:{i}@{task.seed}" for i in range(task.start, task.stop)]
     else:
         kept, labels_list, paths = [], [], []
         for rel, label in zip(task.paths, task.labels):
@@ -333,7 +329,7 @@ def _shard_task(k: int, shard_size: int, source: _Source, out: Path, resolution:
     start, stop = k * shard_size, min(source.count, (k + 1) * shard_size)
     return _ShardTask(
         k, start, stop, str(out), resolution, strict, source.kind, root=source.root, seed=source.seed,
-        paths=list(source.paths[start:stop]), labels=list(source.labels[start:stop]),
+        variant=source.variant, paths=list(source.paths[start:stop]), labels=list(source.labels[start:stop]),
     )
 
 
@@ -388,7 +384,7 @@ def _write_manifest(out: Path, plan: dict[str, Any], source: _Source, n_shards: 
         "content_hash": "sha256:" + content.hexdigest(), "shards": shards, "skipped": skipped, "plan": plan,
     }
     if source.kind == "shapes":
-        manifest["shapes"] = {"n": source.count, "seed": source.seed}
+        manifest["shapes"] = {"n": source.count, "seed": source.seed, "variant": source.variant}
         manifest["attribute_names"] = shapes_lib.attribute_names()
     _write_json(out / MANIFEST, manifest)
     log.info("store %s: %d images at %dpx, %d skipped, %s", out, count, plan["resolution"], len(skipped),
@@ -545,13 +541,12 @@ class ImageStore(Dataset):
 
 
 def open_image_dataset(spec: str | os.PathLike, resolution: int | None = None) -> Dataset:
-    """A store folder or ``shapes:N[@SEED]`` as an image Dataset (items as in docs/architecture.md)."""
+    """A store folder or ``shapes:N[@SEED]`` (``shapes-gen:...``) as an image Dataset (items as in docs/architecture.md)."""
     shapes_spec = parse_shapes_spec(str(spec))
     if shapes_spec is not None:
         if resolution is None:
             raise UserError(f"{spec}: a shapes dataset needs a resolution")
-        n, seed = shapes_spec
-        return shapes_lib.ShapesDataset(n, resolution, seed)
+        return shapes_lib.ShapesDataset(shapes_spec.n, resolution, shapes_spec.seed, variant=shapes_spec.variant)
     path = Path(spec)
     if path.is_dir() and not (path / MANIFEST).is_file() and not (path / PLAN).is_file():
         raise UserError(
