@@ -3,7 +3,8 @@
 One step, per micro-batch of cached posteriors (:mod:`sendvae.data.latents`):
 
 1. choose the image or, with probability ``data.flip_prob`` (0 in REPA / REPA-E, the default), its
-   h-flip and draw ``z = mean + std * eps`` (already normalised with the VAE's latent statistics);
+   h-flip and draw ``z = mean + std * eps`` (already normalised with the VAE's latent statistics;
+   ``data.posterior=mean`` takes ``z = mean``);
 2. draw ``t`` (uniform | lognormal | logit-normal, optional shift; :func:`sendvae.transport.sample_time`)
    and ``noise``; ``z_t = (1 - t) z + t noise`` (t = 1 is noise);
 3. drop labels to the null class with probability 0.1 (classifier-free guidance);
@@ -128,7 +129,8 @@ class SiTStage:
         d = self.draws(mean.shape[0], tuple(mean.shape[2:]), ctx)
         m, s = select_flip(mean, std, d["flip"])
         label = torch.where(d["drop"], torch.full_like(batch["label"], self.model.null_class), batch["label"])
-        out = {"latent": m + s * d["eps"], "label": label, "t": d["t"], "noise": d["noise"]}
+        latent = m if self.cfg.data.posterior == "mean" else m + s * d["eps"]
+        out = {"latent": latent, "label": label, "t": d["t"], "noise": d["noise"]}
         if self.repa:
             if self.cfg.repa.source == "cache":
                 rows = torch.arange(d["flip"].shape[0], device=d["flip"].device)

@@ -83,6 +83,9 @@ class DataConfig:
     images: str = param("", "image data joined by index for online REPA; empty = the data in the manifest")
     flip_prob: float = param(0.0, "probability of training on an image's horizontal flip (the cache holds both); "
                              "0 = REPA / REPA-E's protocol, no flips", min=0.0, max=1.0)
+    posterior: Literal["sample", "mean"] = param(
+        "sample", "latents the SiT learns: sample = mean + std * eps (REPA-E's cached-posterior protocol); mean = the "
+        "posterior mean alone (a sharper target where the VAE's posterior noise is large, e.g. the tiny CPU VAEs)")
 
 
 @dataclass
