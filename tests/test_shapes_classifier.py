@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sendvae.data.shapes import FACTOR_SIZES, ShapesDataset
+from sendvae.eval.feature_metrics import FeatureStats
 from sendvae.eval.shapes_classifier import (
-    class_consistency, factor_accuracy, random_blur, train_shapes_classifier,
+    class_consistency, factor_accuracy, random_blur, reconstruction_ceiling, sample_metrics, train_shapes_classifier,
 )
 
 
@@ -38,3 +40,17 @@ def test_random_blur_keeps_shape_and_mean_colour():
     assert 0 < changed.sum() < 16  # about half are left sharp
     # a blur preserves the mean colour up to edge effects and rounding
     assert (blurred.float().mean((2, 3)) - images.float().mean((2, 3))).abs().max() < 6
+
+
+def test_reconstruction_ceiling_is_the_sample_metrics_of_the_reconstructions():
+    images, factors = _data(512, seed=0)
+    test_images, test_factors = _data(128, seed=1)
+    model = train_shapes_classifier(images, factors, list(FACTOR_SIZES), steps=30, batch_size=64, progress=False,
+                                    width=16)
+    real = FeatureStats.of(model.embed(test_images).numpy())
+    labels = test_factors[:, 0]
+    perfect = reconstruction_ceiling(model, lambda x: x, test_images, labels, real, batch_size=50)
+    assert perfect["class_consistency"] == pytest.approx(class_consistency(model, test_images, labels))
+    assert perfect["fd"] == pytest.approx(0.0, abs=1e-3)  # the same images as the reference (sqrtm round-off)
+    grey = reconstruction_ceiling(model, lambda x: torch.full_like(x, 128), test_images, labels, real)
+    assert grey["fd"] > 1.0 and grey == sample_metrics(model, torch.full_like(test_images, 128), labels, real)

@@ -6,18 +6,25 @@ shapes images, with one head per factor (PILOT.md "Evaluation CNN"): its 256-d p
 give a Frechet distance, and its shape head reads the class of a generated sample (class consistency).
 Random Gaussian blur during training keeps the feature space from being dominated by sharpness
 (PILOT.md pitfall 5).
+
+:func:`sample_metrics` measures a set of images against the real test set in this space (Frechet
+distance and class consistency); :func:`reconstruction_ceiling` applies it to a VAE's own
+reconstructions of the test set: no sample decoded by that VAE can be expected to do better, so the
+ceiling shows how much of a generation gap is the VAE's and how much the generator's.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sendvae.eval.feature_metrics import FeatureStats, frechet_distance
 from sendvae.hardware import autocast, resolve_precision
 from sendvae.pixels import to_model
 from sendvae.progress import bars_enabled
@@ -99,12 +106,14 @@ def train_shapes_classifier(
     blur: bool = True,
     precision: str = "auto",
     progress: bool = True,
+    width: int = 64,
 ) -> ShapesClassifier:
-    """Train the classifier on real uint8 images [N, 3, H, W] with factor indices [N, n_factors]."""
+    """Train the classifier (``width`` channels at full resolution) on real uint8 images [N, 3, H, W] with factor
+    indices [N, n_factors]."""
     precision = resolve_precision(precision, "cpu", "precision").precision
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = ShapesClassifier(factor_sizes)
+    model = ShapesClassifier(factor_sizes, width=width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
@@ -132,3 +141,23 @@ def factor_accuracy(model: ShapesClassifier, images: torch.Tensor, factors: torc
 def class_consistency(model: ShapesClassifier, images: torch.Tensor, labels: torch.Tensor, factor: int = 0) -> float:
     """The share of images whose ``factor`` (default: shape) the classifier reads as the requested label."""
     return (model.predict(images)[:, factor] == labels).float().mean().item()
+
+
+def sample_metrics(model: ShapesClassifier, images: torch.Tensor, labels: torch.Tensor, real: FeatureStats,
+                   batch_size: int = 512) -> dict[str, float]:
+    """``{"class_consistency", "fd"}`` of uint8 images [N, 3, H, W] meant to show class ``labels`` [N]: the share
+    the classifier reads as their class, and the Frechet distance of their features to ``real`` (the real
+    test images' Gaussian in the same feature space)."""
+    features = model.embed(images, batch_size).numpy()
+    return {"class_consistency": class_consistency(model, images, labels),
+            "fd": frechet_distance(FeatureStats.of(features), real)}
+
+
+def reconstruction_ceiling(model: ShapesClassifier, reconstruct: Callable[[torch.Tensor], torch.Tensor],
+                           images: torch.Tensor, labels: torch.Tensor, real: FeatureStats,
+                           batch_size: int = 250) -> dict[str, float]:
+    """:func:`sample_metrics` of a VAE's reconstructions (``reconstruct``: uint8 -> uint8) of real test images with
+    their true classes: the class accuracy and FD that samples decoded by the same VAE can at best reach."""
+    with torch.inference_mode():
+        recon = torch.cat([reconstruct(chunk) for chunk in images.split(batch_size)])
+    return sample_metrics(model, recon, labels, real)
