@@ -1,8 +1,9 @@
 """``sendvae demo --smoke`` end to end: the report exists, every metric is finite, steps resume and are deterministic.
 
 The smoke scale runs every step of the real demo (data, base VAE, three fine-tunes, probes,
-classifier, reconstruction metrics, two SiTs with sampling) with a few dozen steps each. Nothing
-here asserts which variant wins.
+classifier, reconstruction metrics, the generation classifier, latent caches with the reconstruction
+ceiling, two SiTs and the LightningDiT-style recipe row, each sampled at two checkpoints) with a few
+dozen steps each. Nothing here asserts which variant wins.
 """
 
 import json
@@ -15,7 +16,9 @@ import pytest
 from sendvae.cli import main
 from sendvae.config import ConfigError
 from sendvae.demo.config import DemoConfig, demo_config
-from sendvae.demo.study import finite_metrics, read_done, run_demo, summary_table
+from sendvae.demo.plan import read_done
+from sendvae.demo.report import finite_metrics, summary_table
+from sendvae.demo.study import run_demo
 from sendvae.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -47,8 +50,16 @@ def test_smoke_demo_writes_report_with_finite_metrics(smoke):
     generated = {row["vae"]: row for row in summary["rows"] if "class_consistency" in row}
     assert sorted(generated) == ["none", "sendvae"]
     for row in generated.values():
-        assert 0.0 <= row["class_consistency"] <= 1.0 and 0.0 <= row["class_consistency_cfg"] <= 1.0
-        assert row["fd_gap"] == pytest.approx(row["fd_gen"] - row["fd_recon"])
+        for key in ("class_consistency", "class_consistency_cfg", "ceiling_class_accuracy"):
+            assert 0.0 <= row[key] <= 1.0, key
+        assert row["fd_gen"] >= 0 and row["ceiling_fd"] >= 0
+    generation = summary["generation"]
+    assert sorted(generation["curves"]) == ["none", "none-lightning", "sendvae"]
+    for curve in generation["curves"].values():
+        assert len(curve["images_seen"]) == 2 and curve["images_seen"][0] < curve["images_seen"][1]
+    assert [r["generator"] for r in generation["budget"]] == ["none", "sendvae", "none-lightning"]
+    recipe = json.loads((out / "sit-none-lightning" / "sit" / "sit" / "config.json").read_text())  # RUN/sit
+    assert recipe["preset"].startswith("LightningDiT-")
     references = {r["name"]: r for r in summary["probe"]["rows"] if r["kind"] == "reference"}
     assert set(references) == {"pixels", "random-init VAE"}
     assert references["pixels"]["probe_dim"] == 256 and references["pixels"]["feature_dim"] == 3 * 32 * 32
@@ -90,8 +101,10 @@ def test_other_settings_in_the_same_folder_are_refused(smoke):
 def test_scales_and_overrides():
     default, full, small = demo_config(), demo_config("full"), demo_config("smoke")
     assert (default.n_train, default.n_test, default.base_steps, default.finetune_steps) == (12_000, 3_000, 500, 300)
-    assert default.variants == ["none", "vf", "sendvae"] and default.generation_smoke
+    assert default.variants == ["none", "vf", "sendvae"] and not default.generation_smoke and small.generation_smoke
+    assert default.gen_data == "shapes-gen" and default.sit_variants == ["none", "sendvae"]
     assert full.variants[-1] == "sendvae-nonoise" and full.finetune_seeds == 2 and not full.generation_smoke
+    assert full.sit_seeds == 2 and full.sit_points >= 5 and full.recipe_variants
     assert "teacher" in full.probe_references and full.n_train == 20_000
     assert small.n_train < default.n_train and small.base_steps < default.base_steps
     tuned = demo_config("default", seed=3, overrides=["finetune_steps=600", "sit_variants=[none,vf]"])

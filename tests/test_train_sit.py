@@ -229,6 +229,24 @@ def test_flip_prob_sets_how_often_the_h_flip_is_drawn(cache):
     assert [load_config(TrainSiTConfig, path).data.flip_prob for path in sorted(root.glob("sit_*.yaml"))] == [0.0, 0.0]
 
 
+def test_posterior_mean_trains_on_the_means_with_the_same_other_draws(cache):
+    """data.posterior=mean (the demo's tiny VAEs) takes the posterior mean of the drawn view instead of a sample;
+    time, noise and labels are the same draws as with posterior samples."""
+    _, cache_dir = cache
+    _, data = build_sit_stage(config(cache_dir))
+    batch = torch.utils.data.default_collate([data[i] for i in range(16)])
+    ctx = StepContext(device=torch.device("cpu"), rank=0, world=1, images_seen=64, step=4,
+                      generator=torch.Generator(), precision="fp32")
+    prepared = {}
+    for kind in ("sample", "mean"):
+        stage, _ = build_sit_stage(config(cache_dir, **{"data.posterior": kind, "data.flip_prob": 0.0}))
+        prepared[kind] = stage.prepare_batch(batch, ctx)
+    assert torch.equal(prepared["mean"]["latent"], batch["mean"][:, 0])
+    assert not torch.equal(prepared["sample"]["latent"], batch["mean"][:, 0])
+    for key in ("t", "noise", "label"):
+        assert torch.equal(prepared["mean"][key], prepared["sample"][key])
+
+
 def test_repa_off_trains_a_plain_sit(cache, tmp_path):
     _, cache_dir = cache
     stage, _ = build_sit_stage(config(cache_dir, **{"repa.weight": 0}))

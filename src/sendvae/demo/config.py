@@ -53,30 +53,42 @@ class DemoConfig:
     probe_max_iter: int = param(150, "L-BFGS iterations per L2 value of each probe", min=1)
     classifier_steps: int = param(250, "training steps of the evaluation classifier", min=1)
     classifier_batch: int = param(64, "batch size of the evaluation classifier", min=2)
-    generation: bool = param(True, "run stage 2 (latent cache, SiT + REPA, sampling, generation metrics)")
-    generation_smoke: bool = param(True, "label the generation results as a smoke run (too short to judge)")
-    sit_variants: list[str] = param(["none", "sendvae"], "variants (seed 0) that get a SiT")
+    generation: bool = param(True, "run stage 2 (generation data, latent caches, SiTs, sampling along training, metrics)")
+    generation_smoke: bool = param(False, "label the generation results as a smoke run (too short to judge)")
+    gen_data: str = param("shapes-gen", "shapes variant of the generation study (sendvae.data.shapes.VARIANTS): its "
+                                        "images train the SiTs and the generation classifier", choices=("shapes", "shapes-gen"))
+    gen_test: int = param(1000, "held-out generation test images (classifier accuracy, FD reference, ceiling)", min=32)
+    gen_classifier_steps: int = param(150, "training steps of the generation classifier", min=1)
+    sit_variants: list[str] = param(["none", "sendvae"], "VAEs (fine-tune seed 0) that get a SiT")
+    sit_seeds: int = param(1, "SiT seeds per VAE (the curves show their spread)", min=1)
     sit_preset: str = param("SiT-T/2", "SiT size/patch (patch 2 on the 8x8 latent: 16 tokens)")
+    recipe_variants: list[str] = param([], "VAEs that also get the LightningDiT-style SiT (the generator-recipe row)")
+    recipe_preset: str = param("LightningDiT-T/2", "size/patch of the generator-recipe SiT (preset sit_lightning.yaml)")
     sit_projector_dim: int = param(512, "hidden width of the SiT's REPA projector (2048 would dominate a tiny SiT)", min=1)
-    sit_steps: int = param(120, "SiT optimiser steps", min=1)
-    sit_images: int = param(4000, "training images whose latents the SiT learns (the first of the train set; 0 = all)", min=0)
-    sit_batch_size: int = param(128, "SiT batch size", min=2)
-    sit_lr: float = param(3e-4, "SiT AdamW learning rate", min=0.0)
-    repa_weight: float = param(0.5, "lambda of the REPA loss (teacher tokens on the SiT token grid)", min=0.0)
-    num_samples: int = param(300, "class-balanced samples per SiT and guidance setting", min=12)
+    sit_posterior: str = param("mean", "latents the SiT learns: mean = posterior means, sample = posterior samples",
+                               choices=("mean", "sample"))
+    sit_steps: int = param(800, "SiT optimiser steps (docs/demo_full.md: the recipe's measurements)", min=1)
+    sit_points: int = param(3, "checkpoints along SiT training that are sampled and measured (the curves)", min=1)
+    sit_images: int = param(2000, "generation training images (their latents train the SiT; the variant has 3,072 "
+                                  "factor combinations)", min=16)
+    sit_batch_size: int = param(32, "SiT batch size (32 learns the classes faster than 128 for the same CPU time)", min=2)
+    sit_lr: float = param(1e-3, "SiT AdamW learning rate (constant)", min=0.0)
+    repa_weight: float = param(0.0, "lambda of the REPA loss (teacher tokens on the SiT token grid); 0 = off", min=0.0)
+    num_samples: int = param(120, "class-balanced samples per checkpoint and guidance setting", min=12)
     recon_images: int = param(1000, "test images for PSNR / SSIM / LPIPS (the first of the test set; 0 = all)", min=0)
     fd_images: int = param(0, "reconstructed test images in FD(recon, real); 0 = num_samples (as many as FD(gen))", min=0)
     sampler: str = param("euler", "euler | heun (ODE) | sde", choices=("euler", "heun", "sde"))
-    sample_steps: int = param(30, "sampler steps", min=2)
-    cfg_scale: float = param(4.0, "classifier-free guidance scale of the guided samples (the others use 1)", min=1.0)
+    sample_steps: int = param(16, "sampler steps", min=2)
+    cfg_scale: float = param(3.0, "classifier-free guidance scale of the guided samples (the others use 1)", min=1.0)
 
     def check(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANT_PRESETS]
         if unknown or not self.variants:
             raise UserError(f"variants: {unknown or self.variants} not among {list(VARIANT_PRESETS)}")
-        missing = [v for v in self.sit_variants if v not in self.variants]
-        if missing:
-            raise UserError(f"sit_variants: {missing} are not fine-tuned (variants: {self.variants})")
+        for key in ("sit_variants", "recipe_variants"):
+            missing = [v for v in getattr(self, key) if v not in self.variants]
+            if missing:
+                raise UserError(f"{key}: {missing} are not fine-tuned (variants: {self.variants})")
         bad = [r for r in self.probe_references if r not in ("pixels", "random-vae", "teacher")]
         if bad:
             raise UserError(f"probe_references: {bad} not among ['pixels', 'random-vae', 'teacher']")
@@ -93,16 +105,18 @@ def demo_config(scale: str = "default", seed: int = 0, resolution: int = 32, ove
         values.update(
             n_train=600, n_test=200, batch_size=16, base_steps=24, finetune_steps=8, stats_images=64,
             log_every_steps=4, checkpoint_every_steps=1000, probe_train=0, probe_max_iter=20,
-            classifier_steps=12, classifier_batch=32, sit_steps=8, sit_batch_size=32, sit_images=0, num_samples=24,
-            sample_steps=4, generation_smoke=True,
+            classifier_steps=12, classifier_batch=32, sit_steps=8, sit_batch_size=32, sit_images=256, num_samples=24,
+            sample_steps=4, generation_smoke=True, gen_test=64, gen_classifier_steps=12, sit_points=2,
+            recipe_variants=["none"],
         )
     elif scale == "full":  # PILOT.md "--full": about an hour on 2 idle cores
         values.update(
             n_train=20_000, n_test=5_000, batch_size=64, base_steps=1500, finetune_steps=400, finetune_seeds=2,
             probe_train=10_000, recon_images=0,
             variants=["none", "vf", "sendvae", "sendvae-nonoise"], probe_references=["pixels", "random-vae", "teacher"],
-            classifier_steps=600, classifier_batch=128, sit_variants=["none", "vf", "sendvae"], sit_steps=2000,
-            sit_images=0, num_samples=2000, sample_steps=40, generation_smoke=False, checkpoint_every_steps=500,
+            classifier_steps=600, classifier_batch=128, sit_variants=["none", "vf", "sendvae"], sit_steps=2400,
+            sit_seeds=2, sit_points=5, recipe_variants=["none"], sit_images=4000, num_samples=300, generation_smoke=False,
+            checkpoint_every_steps=500,
         )
     data = to_dict(DemoConfig())
     data.update(values)
