@@ -4,7 +4,8 @@ The steps, for every VAE in ``sit_variants`` (fine-tune seed 0):
 
 - ``latents-<vae>/``: the latent cache of the generation train images (:func:`sendvae.data.latents.cache_latents`)
   and the VAE's **reconstruction ceiling**: the generation classifier's class accuracy and FD on the VAE's own
-  reconstructions of the generation test set (:func:`sendvae.eval.shapes_classifier.reconstruction_ceiling`);
+  reconstructions of the first ``num_samples`` generation test images (as many as the samples of one setting,
+  since FD depends on the count; :func:`sendvae.eval.shapes_classifier.reconstruction_ceiling`);
 - ``sit-<vae>[-s<k>]/``: a SiT (``sit_preset``, preset ``configs/shapes/sit_tiny.yaml``) trained with SiT seed
   ``k`` (``sit_seeds`` of them); ``sit-<vae>-lightning/``: the generator-recipe row, the LightningDiT-style SiT
   (``recipe_preset``, preset ``sit_lightning.yaml``) on the same latents, for the VAEs in ``recipe_variants``.
@@ -76,9 +77,10 @@ def encode_generation_data(cfg: DemoConfig, out: Path, vae: str, folder: Path) -
     cache_latents(vae_path, data["gen_train"], folder / "latents", batch_size=250, precision=cfg.precision,
                   device="cpu", num_workers=0)
     test = ImageStore(data["gen_test"])
+    n = min(cfg.num_samples, len(test))  # as many images as samples per setting: FD depends on the count
     ceiling = reconstruction_ceiling(
         load_classifier(out / "gen-classifier"), vae_reconstructor(load_vae(vae_path).eval()),
-        test.images(0, len(test)), torch.from_numpy(test.labels), real_stats(out / "gen-classifier"))
+        test.images(0, n), torch.from_numpy(test.labels[:n]), real_stats(out / "gen-classifier"))
     log.info("%s: reconstruction ceiling class accuracy %.3f, FD %.2f", vae, ceiling["class_consistency"], ceiling["fd"])
     return {"cache": str(folder / "latents"), "vae": str(vae_path), "ceiling": ceiling}
 
