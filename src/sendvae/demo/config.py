@@ -36,7 +36,8 @@ class DemoConfig:
                                    "natively (AVX512-BF16/AMX), else fp32", choices=("auto", "fp32", "bf16"))
     threads: int = param(0, "torch threads; 0 = the run's policy (torch's default on idle cores, fewer threads with a "
                              "passive OpenMP wait when other processes are busy: sendvae.threads)", min=0)
-    batch_size: int = param(32, "VAE batch size (base and fine-tunes); the pilot used 64, see the module docstring", min=2)
+    batch_size: int = param(16, "VAE batch size (base and fine-tunes); the pilot used 64: 16 keeps the pilot's step counts "
+                                "inside the 15-minute fp32 budget (README, 'Performance')", min=2)
     base_steps: int = param(500, "base VAE optimiser steps", min=1)
     base_lr: float = param(5e-4, "base VAE AdamW learning rate", min=0.0)
     finetune_steps: int = param(300, "optimiser steps of every fine-tune (the same budget for each variant)", min=1)
@@ -111,7 +112,7 @@ def demo_config(scale: str = "default", seed: int = 0, resolution: int = 32, ove
         )
     elif scale == "full":  # PILOT.md "--full": about an hour on 2 idle cores
         values.update(
-            n_train=20_000, n_test=5_000, batch_size=64, base_steps=1500, finetune_steps=400, finetune_seeds=2,
+            n_train=20_000, n_test=5_000, batch_size=32, base_steps=1000, finetune_steps=300, finetune_seeds=2,
             probe_train=10_000, recon_images=0,
             variants=["none", "vf", "sendvae", "sendvae-nonoise"], probe_references=["pixels", "random-vae", "teacher"],
             classifier_steps=600, classifier_batch=128, sit_variants=["none", "vf", "sendvae"], sit_steps=2400,
