@@ -26,9 +26,9 @@ Steps (each writes OUT/<step>/ and is skipped when complete, so an interrupted d
                 probe-vs-generation plot) and summary.json; the summary table is printed
 
 Scales:
-  (default)  about 8 minutes on 2 idle CPU cores (longer when other processes share them: torch's
-             2 threads slow down badly on a busy machine, where threads=1 can be faster);
-             the probe study in full, generation as a clearly labelled smoke run
+  (default)  about 17 minutes on 2 idle cores of a CPU without native bf16 (fp32; measured on an AMD
+             EPYC), less where bf16 is native; a busy machine gets fewer threads (sendvae.threads);
+             the probe study in full, generation on one VAE with its reconstruction ceiling
   --full     about an hour: 20k images, longer training, 2 fine-tune seeds, no-noise ablation,
              SiTs trained long enough to aim for recognisable shapes
   --smoke    the smallest scale (about a minute; the CI test): every step runs, numbers mean nothing
