@@ -100,7 +100,7 @@ def test_other_settings_in_the_same_folder_are_refused(smoke):
 
 def test_scales_and_overrides():
     default, full, small = demo_config(), demo_config("full"), demo_config("smoke")
-    assert (default.n_train, default.n_test, default.base_steps, default.finetune_steps) == (12_000, 3_000, 400, 200)
+    assert (default.n_train, default.n_test, default.base_steps, default.finetune_steps) == (12_000, 3_000, 350, 200)
     assert default.variants == ["none", "vf", "sendvae"] and not default.generation_smoke and small.generation_smoke
     assert default.gen_data == "shapes-gen" and default.sit_variants == ["sendvae"]
     assert full.variants[-1] == "sendvae-nonoise" and full.finetune_seeds == 2 and not full.generation_smoke

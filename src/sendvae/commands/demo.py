@@ -26,7 +26,7 @@ Steps (each writes OUT/<step>/ and is skipped when complete, so an interrupted d
                 probe-vs-generation plot) and summary.json; the summary table is printed
 
 Scales:
-  (default)  about 17 minutes on 2 idle cores of a CPU without native bf16 (fp32; measured on an AMD
+  (default)  about 14 minutes on 2 idle cores of a CPU without native bf16 (fp32; measured on an AMD
              EPYC), less where bf16 is native; a busy machine gets fewer threads (sendvae.threads);
              the probe study in full, generation on one VAE with its reconstruction ceiling
   --full     about an hour: 20k images, longer training, 2 fine-tune seeds, no-noise ablation,

@@ -38,7 +38,7 @@ class DemoConfig:
                              "passive OpenMP wait when other processes are busy: sendvae.threads)", min=0)
     batch_size: int = param(16, "VAE batch size (base and fine-tunes); the pilot used 64: 16 keeps the pilot's step counts "
                                 "inside the 15-minute fp32 budget (README, 'Performance')", min=2)
-    base_steps: int = param(400, "base VAE optimiser steps", min=1)
+    base_steps: int = param(350, "base VAE optimiser steps", min=1)
     base_lr: float = param(5e-4, "base VAE AdamW learning rate", min=0.0)
     finetune_steps: int = param(200, "optimiser steps of every fine-tune (the same budget for each variant)", min=1)
     finetune_lr: float = param(2e-4, "fine-tune AdamW learning rate", min=0.0)
@@ -52,8 +52,8 @@ class DemoConfig:
     probe_references: list[str] = param(["pixels", "random-vae"], "reference rows: pixels, random-vae, teacher")
     reference_pca_dim: int = param(256, "PCA the reference rows to this many dims (0 = never)", min=0)
     probe_max_iter: int = param(150, "L-BFGS iterations per L2 value of each probe", min=1)
-    classifier_steps: int = param(250, "training steps of the evaluation classifier", min=1)
-    classifier_batch: int = param(64, "batch size of the evaluation classifier", min=2)
+    classifier_steps: int = param(200, "training steps of the evaluation classifier", min=1)
+    classifier_batch: int = param(32, "batch size of the evaluation classifier", min=2)
     generation: bool = param(True, "run stage 2 (generation data, latent caches, SiTs, sampling along training, metrics)")
     generation_smoke: bool = param(False, "label the generation results as a smoke run (too short to judge)")
     gen_data: str = param("shapes-gen", "shapes variant of the generation study (sendvae.data.shapes.VARIANTS): its "
