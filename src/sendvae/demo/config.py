@@ -108,7 +108,7 @@ def demo_config(scale: str = "default", seed: int = 0, resolution: int = 32, ove
             log_every_steps=4, checkpoint_every_steps=1000, probe_train=0, probe_max_iter=20,
             classifier_steps=12, classifier_batch=32, sit_steps=8, sit_batch_size=32, sit_images=256, num_samples=24,
             sample_steps=4, generation_smoke=True, gen_test=64, gen_classifier_steps=12, sit_points=2,
-            recipe_variants=["none"],
+            sit_variants=["none", "sendvae"], recipe_variants=["none"],
         )
     elif scale == "full":  # PILOT.md "--full": about an hour on 2 idle cores
         values.update(
