@@ -103,7 +103,8 @@ def test_scales_and_overrides():
     assert (default.n_train, default.n_test, default.base_steps, default.finetune_steps) == (12_000, 3_000, 350, 200)
     assert default.variants == ["none", "vf", "sendvae"] and not default.generation_smoke and small.generation_smoke
     assert default.gen_data == "shapes-gen" and default.sit_variants == ["sendvae"]
-    assert full.variants[-1] == "sendvae-nonoise" and full.finetune_seeds == 2 and not full.generation_smoke
+    assert full.variants[-1] == "sendvae-nonoise" and full.finetune_seeds == 1 and not full.generation_smoke
+    assert full.base_steps > default.base_steps and full.sit_variants == ["none", "vf", "sendvae"]
     assert full.sit_seeds == 2 and full.sit_points >= 5 and full.recipe_variants
     assert "teacher" in full.probe_references and full.n_train == 20_000
     assert small.n_train < default.n_train and small.base_steps < default.base_steps

@@ -74,6 +74,17 @@ def test_alignment_gradients_reach_encoder_and_mapper_never_decoder_or_teacher(t
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
 
 
+def test_logvar_init_applies_to_a_preset_and_is_refused_for_a_trained_vae(tmp_path: Path) -> None:
+    from sendvae.config import ConfigError
+    from sendvae.train.vae import initial_vae
+
+    x = torch.zeros(1, 3, 16, 16)
+    assert initial_vae(tiny("model.logvar_init=-8")).encode(x).logvar.mean().item() < -7
+    train_vae(tiny("alignment.kind=none", "train.total_images=16"), tmp_path / "base")
+    with pytest.raises(ConfigError, match=r"logvar_init=-8 only applies to a random init.*model.logvar_init=0"):
+        initial_vae(tiny(f"model.init={tmp_path / 'base' / 'vae'}", "model.logvar_init=-8"))
+
+
 def test_disc_settings_that_contradict_disc_init_are_refused(tmp_path: Path) -> None:
     """With loss.disc_init the architecture comes from the file: a non-default disc_channels / disc_layers /
     disc_norm the file contradicts stops with both values; defaults (ndf 64, 3 layers, batch norm here

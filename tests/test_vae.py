@@ -88,6 +88,21 @@ def test_sd_vae_preset_is_the_known_f8_size():
         assert count_parameters(build_vae("f8c4"))["total"] == 83_653_863  # stabilityai/sd-vae-ft-ema
 
 
+def test_logvar_init_sets_the_posterior_noise_of_a_random_vae():
+    """The bias of the log-variance half of the moments: 0 keeps diffusers' posterior (std about 1), -8 starts it
+    at std about exp(-4) for any image (it replaces a random bias of at most 1 / sqrt(8) = 0.35), while the means
+    and the decoder stay those of the same seed."""
+    x = _images(4, 32)
+    torch.manual_seed(0)
+    default = build_vae("tiny-f4c4").encode(x)
+    torch.manual_seed(0)
+    sharp = build_vae("tiny-f4c4", logvar_init=-8.0).encode(x)
+    assert abs(default.logvar.mean().item()) < 0.5
+    torch.testing.assert_close(sharp.logvar - default.logvar, torch.full_like(default.logvar, -8.0), atol=0.36, rtol=0)
+    torch.testing.assert_close(sharp.mean, default.mean)
+    assert 0.01 < sharp.std.median().item() < 0.04
+
+
 def test_unknown_preset_names_the_choices():
     with pytest.raises(UserError, match="tiny-f4c4"):
         build_vae("f32c1")

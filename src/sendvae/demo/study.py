@@ -54,10 +54,11 @@ from sendvae.hardware import resolve_precision
 
 log = logging.getLogger(__name__)
 
-_ESTIMATE = {  # seconds per image (or per fit) on a 2-core CPU in fp32 at 32 px; only for the ETA
-    "render": 1 / 2000, "vae": 1 / 45, "teacher": 1 / 103, "mapper": 0.1 / 64, "encode": 1 / 1000,
-    "probe_fit": 8.0, "classifier": 3e-3, "features": 1e-3, "recon": 2e-3, "overhead": 4.0,
-    "sit/2": 0.1 / 32, "sit/1": 0.3 / 32, "sample/2": 0.2 / 300, "sample/1": 0.8 / 300,
+_ESTIMATE = {  # seconds per image (or per fit) for the ETA only: fitted to the step times of the default demo in
+    # fp32 on 2 idle AMD EPYC cores at 32 px (README, "Performance"); "teacher" is amortised by the token cache
+    "render": 1 / 6000, "vae": 1 / 34, "teacher": 1 / 200, "mapper": 0.1 / 64, "encode": 1 / 350,
+    "probe_fit": 14.0, "classifier": 1.4e-2, "features": 1e-3, "recon": 1.2e-2, "overhead": 4.0,
+    "sit/2": 0.075 / 32, "sit/1": 0.25 / 32, "sample/2": 0.2 / 300, "sample/1": 0.8 / 300,
 }
 
 

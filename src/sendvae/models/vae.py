@@ -375,8 +375,16 @@ class VAE(nn.Module):
         return self.decode(z), posterior, z
 
 
-def build_vae(preset: str | VAEArch, resolution: int | None = None) -> VAE:
-    """A randomly initialised VAE from a preset name (see :data:`VAE_PRESETS`) or an architecture."""
+def build_vae(preset: str | VAEArch, resolution: int | None = None, logvar_init: float = 0.0) -> VAE:
+    """A randomly initialised VAE from a preset name (see :data:`VAE_PRESETS`) or an architecture.
+
+    ``logvar_init`` is the bias of the encoder's log-variance outputs (the second half of the moments); 0 keeps
+    diffusers' initialisation, whose posterior starts with a standard deviation of about 1. A negative value starts
+    the posterior nearly deterministic, where a VAE trained with a small KL weight ends anyway (the LDM KL weight
+    1e-6 pulls log sigma^2 towards 0 with a force of only 1e-6 / 2 per element): the decoder then learns from clean
+    latents from the first step instead of waiting for the encoder to shrink the noise. docs/demo_full.md gives
+    the measurement behind the shapes presets' -8.
+    """
     if isinstance(preset, str):
         if preset not in VAE_PRESETS:
             raise UserError(f"unknown VAE preset {preset!r}; choose one of {', '.join(VAE_PRESETS)}")
@@ -387,6 +395,11 @@ def build_vae(preset: str | VAEArch, resolution: int | None = None) -> VAE:
         arch = dataclasses.replace(arch, resolution=resolution)
     vae = VAE(arch.diffusers_config())
     vae.source = {"format": "random", "preset": preset if isinstance(preset, str) else preset_name(arch)}
+    if logvar_init:
+        ae = vae.autoencoder
+        moments = ae.quant_conv if ae.quant_conv is not None else ae.encoder.conv_out
+        with torch.no_grad():
+            moments.bias[vae.latent_channels:] = logvar_init
     return vae
 
 

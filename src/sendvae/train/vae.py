@@ -219,10 +219,13 @@ def initial_vae(cfg: TrainVAEConfig) -> VAE:
                           f"or a preset for a random start ({', '.join(VAE_PRESETS)})")
     if init in VAE_PRESETS:
         torch.manual_seed(cfg.train.seed)
-        return build_vae(init, resolution=cfg.data.resolution)
+        return build_vae(init, resolution=cfg.data.resolution, logvar_init=cfg.model.logvar_init)
     if not Path(init).exists():
         raise ConfigError(
             f"model.init: {init!r} is neither a VAE preset ({', '.join(VAE_PRESETS)}) nor an existing path")
+    if cfg.model.logvar_init:
+        raise ConfigError(f"model.logvar_init={cfg.model.logvar_init:g} only applies to a random init (a preset); "
+                          f"model.init is the trained VAE {init!r}: set model.logvar_init=0")
     return load_vae(init)
 
 

@@ -19,6 +19,9 @@ class ModelConfig:
                               "the whole dataset, seeded by train.seed)", min=1)
     export_stats: bool = param(True, "recompute the latent statistics of the published RUN/vae at each export")
     sample_posterior: bool = param(True, "z = a posterior sample (REPA-E); false = the posterior mean")
+    logvar_init: float = param(0.0, "random init (a preset) only: bias of the encoder's log-variance outputs; 0 = "
+                                    "diffusers' default (posterior std about 1), -8 = nearly deterministic (std 0.02) "
+                                    "so the decoder learns from clean latents at once (docs/demo_full.md)")
 
 
 @dataclass
