@@ -16,7 +16,7 @@ import pytest
 from sendvae.cli import main
 from sendvae.config import ConfigError
 from sendvae.demo.config import DemoConfig, demo_config
-from sendvae.demo.plan import read_done
+from sendvae.demo.plan import pace, read_done
 from sendvae.demo.report import finite_metrics, summary_table
 from sendvae.demo.study import run_demo
 from sendvae.errors import UserError
@@ -139,3 +139,9 @@ def test_cli_help_explains_the_demo(capsys):
     text = capsys.readouterr().out
     assert "Examples:" in text and "--smoke" in text and "finetune_steps" in text
     assert DemoConfig().resolution == 32
+
+
+def test_eta_pace_trusts_the_estimates_until_the_work_done_is_long():
+    assert pace(0.0, 0.0) == 1.0
+    assert pace(5.0, 2.5) == pytest.approx(1.02, abs=0.01)  # the 5-second data step, done in 2.5 s: ETA barely moves
+    assert pace(900.0, 1800.0) == pytest.approx(0.53, abs=0.01)  # a long step twice as slow as estimated: ETA ~2x

@@ -82,6 +82,15 @@ class Step:
     run: Callable[[Path], dict[str, Any]]
 
 
+ETA_PRIOR_SECONDS = 120.0  # how much estimated work the ETA trusts the estimates before its own measurements
+
+
+def pace(estimated_done: float, elapsed: float, prior: float = ETA_PRIOR_SECONDS) -> float:
+    """Estimated seconds of work done per second so far, shrunk towards 1 (the estimates are right) by ``prior``
+    seconds of both: a few seconds of one short step cannot rescale an hour's ETA, a long step's measurement does."""
+    return (estimated_done + prior) / (elapsed + prior)
+
+
 class Plan:
     """Runs steps in order, skipping complete ones; an outer progress bar over estimated seconds gives the ETA."""
 
@@ -104,8 +113,7 @@ class Plan:
                 if result is not None:
                     log.info("[%d/%d] %s: complete in %s, skipped", i, len(self.steps), step.title, folder)
                 else:
-                    elapsed = time.time() - started
-                    rate = done_work / elapsed if done_work > 0 and elapsed > 1 else 1.0
+                    rate = pace(done_work, time.time() - started)
                     left = sum(s.estimate for s in self.steps[i - 1:]) / max(rate, 1e-6)
                     log.info("[%d/%d] %s (about %s; demo ETA %s)", i, len(self.steps), step.title,
                              minutes(step.estimate / max(rate, 1e-6)), minutes(left))
