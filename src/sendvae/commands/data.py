@@ -104,7 +104,7 @@ def run_preview(args: argparse.Namespace) -> int:
 
     if args.dataset == "shapes":
         path = shapes.preview(args.out, args.n, args.resolution, args.seed)
-    elif (spec := store.parse_shapes_spec(args.dataset)) is not None:
+    elif (spec := shapes.parse_spec(args.dataset)) is not None:
         path = shapes.preview(args.out, min(args.n, spec.n), args.resolution, spec.seed, variant=spec.variant)
     else:
         path = store.preview_store(args.dataset, args.out, args.n)

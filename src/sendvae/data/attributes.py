@@ -55,7 +55,6 @@ from torch.utils.data import Dataset
 
 from sendvae.data import shapes as shapes_lib
 from sendvae.data.images import is_image_file, load_and_crop
-from sendvae.data.store import parse_shapes_spec
 from sendvae.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -462,7 +461,7 @@ _FORMATS = {"celeba": open_celeba, "awa2": open_awa2, "deepfashion": open_deepfa
 def open_attribute_dataset(spec: str, resolution: int) -> AttributeSource:
     """``celeba:ROOT``, ``awa2:ROOT``, ``deepfashion:ROOT``, ``csv:FILE`` or ``shapes:N[@SEED]``."""
     spec = str(spec)
-    shapes_spec = parse_shapes_spec(spec)
+    shapes_spec = shapes_lib.parse_spec(spec)
     if shapes_spec is not None:
         return open_shapes(shapes_spec.n, shapes_spec.seed, resolution, shapes_spec.variant)
     kind, _, location = spec.partition(":")

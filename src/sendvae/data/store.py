@@ -56,12 +56,6 @@ PLAN = "plan.json"
 SHARDS = "shards"
 
 
-def parse_shapes_spec(spec: str) -> shapes_lib.ShapesSpec | None:
-    """``"shapes:N"``, ``"shapes:N@SEED"`` or a variant's ``"shapes-gen:N@SEED"`` -> ``(N, SEED, variant)``;
-    ``None`` for anything else (:func:`sendvae.data.shapes.parse_spec`)."""
-    return shapes_lib.parse_spec(spec)
-
-
 # ---------------------------------------------------------------------------------------------
 # Sources: what a shard task reads.
 
@@ -81,7 +75,7 @@ class _Source:
 
 
 def _resolve_source(src: str | os.PathLike) -> _Source:
-    spec = parse_shapes_spec(str(src))
+    spec = shapes_lib.parse_spec(str(src))
     if spec is not None:
         if spec.n < 1:
             raise UserError(f"{src}: a shapes store needs at least one image")
@@ -542,7 +536,7 @@ class ImageStore(Dataset):
 
 def open_image_dataset(spec: str | os.PathLike, resolution: int | None = None) -> Dataset:
     """A store folder or ``shapes:N[@SEED]`` (``shapes-gen:...``) as an image Dataset (items as in docs/architecture.md)."""
-    shapes_spec = parse_shapes_spec(str(spec))
+    shapes_spec = shapes_lib.parse_spec(str(spec))
     if shapes_spec is not None:
         if resolution is None:
             raise UserError(f"{spec}: a shapes dataset needs a resolution")

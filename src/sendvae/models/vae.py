@@ -380,10 +380,10 @@ def build_vae(preset: str | VAEArch, resolution: int | None = None, logvar_init:
 
     ``logvar_init`` is the bias of the encoder's log-variance outputs (the second half of the moments); 0 keeps
     diffusers' initialisation, whose posterior starts with a standard deviation of about 1. A negative value starts
-    the posterior nearly deterministic, where a VAE trained with a small KL weight ends anyway (the LDM KL weight
-    1e-6 pulls log sigma^2 towards 0 with a force of only 1e-6 / 2 per element): the decoder then learns from clean
-    latents from the first step instead of waiting for the encoder to shrink the noise. docs/demo_full.md gives
-    the measurement behind the shapes presets' -8.
+    the posterior nearly deterministic, as the posteriors of trained VAEs with a small KL weight are: the decoder
+    then learns from clean latents from the first step instead of waiting for the encoder to shrink the noise.
+    The KL pulls log sigma^2 back towards 0, and under AdamW even a weight of 1e-6 does so within a thousand steps,
+    so the shapes base preset (-8) also turns the KL off; docs/demo_full.md gives the measurements.
     """
     if isinstance(preset, str):
         if preset not in VAE_PRESETS:
